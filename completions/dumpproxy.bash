@@ -1,0 +1,131 @@
+# bash completion for dumpproxy(1)                          -*- shell-script -*-
+#
+# Install as /usr/share/bash-completion/completions/dumpproxy, or source it from
+# ~/.bashrc. Uses bash-completion's helpers when they are loaded, and works
+# without them.
+
+# Every option of dumpproxy, long and short forms (kept in sync with
+# dumpproxy/cli.py by tests/test_cli_docs.py).
+_dumpproxy_options='
+    --listen-host
+    -p --listen-port
+    --mode
+    --ignore-hosts
+    --allow-hosts
+    --ignore-hosts-file
+    --allow-hosts-file
+    --check
+    --pattern-for
+    --peek-timeout
+    --ca-dir
+    --print-ca
+    -k --ssl-insecure
+    --upstream-ca
+    --bodies
+    --max-body-bytes
+    --no-redact
+    --proxyauth
+    -o --output
+    --format
+    -q --quiet
+    -v --verbose
+    --version
+    -h --help
+'
+
+_dumpproxy()
+{
+    local cur prev words cword split=false
+    if declare -F _init_completion >/dev/null 2>&1; then
+        _init_completion -s -n : || return
+    else
+        # Without bash-completion: split --opt=value by hand.
+        words=("${COMP_WORDS[@]}")
+        cword=$COMP_CWORD
+        cur=${COMP_WORDS[COMP_CWORD]}
+        prev=
+        ((cword > 0)) && prev=${COMP_WORDS[COMP_CWORD - 1]}
+        if [[ $cur == = && $cword -gt 1 ]]; then
+            prev=${COMP_WORDS[COMP_CWORD - 1]}
+            cur=
+            split=true
+        elif [[ $prev == = && $cword -gt 1 ]]; then
+            prev=${COMP_WORDS[COMP_CWORD - 2]}
+            split=true
+        elif [[ $cur == --*=* ]]; then
+            prev=${cur%%=*}
+            cur=${cur#*=}
+            split=true
+        fi
+    fi
+
+    # Wrap mode: after "--", complete the command and then its own arguments.
+    # (COMP_WORDS, not words: _command_offset counts in COMP_WORDS.)
+    local i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        if [[ ${COMP_WORDS[i]} == -- ]]; then
+            if ((COMP_CWORD == i + 1)); then
+                COMPREPLY=($(compgen -c -- "${COMP_WORDS[COMP_CWORD]}"))
+            elif declare -F _command_offset >/dev/null 2>&1; then
+                _command_offset $((i + 1))
+            else
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -f -- "${COMP_WORDS[COMP_CWORD]}"))
+            fi
+            return
+        fi
+    done
+
+    case $prev in
+        --ignore-hosts-file | --allow-hosts-file | --upstream-ca | -o | --output)
+            if declare -F _filedir >/dev/null 2>&1; then
+                _filedir
+            else
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi
+            return
+            ;;
+        --ca-dir)
+            if declare -F _filedir >/dev/null 2>&1; then
+                _filedir -d
+            else
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -d -- "$cur"))
+            fi
+            return
+            ;;
+        --mode)
+            COMPREPLY=($(compgen -W 'regular upstream: reverse: socks5 transparent' -- "$cur"))
+            # "upstream:" and "reverse:" are followed by a URL, not a space.
+            [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *: ]] && compopt -o nospace 2>/dev/null
+            return
+            ;;
+        --format)
+            COMPREPLY=($(compgen -W 'json text' -- "$cur"))
+            return
+            ;;
+        --listen-host)
+            if declare -F _known_hosts_real >/dev/null 2>&1; then
+                _known_hosts_real -- "$cur"
+            else
+                COMPREPLY=($(compgen -A hostname -- "$cur"))
+            fi
+            return
+            ;;
+        -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
+            --peek-timeout | --max-body-bytes | --proxyauth)
+            # A free-form value: nothing sensible to offer.
+            return
+            ;;
+    esac
+
+    $split && return
+
+    if [[ $cur == -* || -z $cur ]]; then
+        COMPREPLY=($(compgen -W "$_dumpproxy_options" -- "$cur"))
+    fi
+} &&
+    complete -F _dumpproxy dumpproxy
+
+# ex: filetype=sh

@@ -1,0 +1,55 @@
+# fish completion for dumpproxy(1). Install as
+# /usr/share/fish/vendor_completions.d/dumpproxy.fish or
+# ~/.config/fish/completions/dumpproxy.fish.
+
+# True once "--" (wrap mode: dumpproxy [OPTIONS] -- CMD [ARG...]) is on the line.
+function __fish_dumpproxy_wrapping
+    set -l tokens (commandline -opc)
+    contains -- -- $tokens[2..-1]
+end
+
+# Complete the wrapped command and its arguments, as if typed on their own.
+function __fish_dumpproxy_wrapped
+    set -l tokens (commandline -opc)
+    set -l idx (contains -i -- -- $tokens)
+    set -l rest
+    if test $idx -lt (count $tokens)
+        set rest $tokens[(math $idx + 1)..-1]
+    end
+    __fish_complete_subcommand --commandline $rest (commandline -ct)
+end
+
+complete -c dumpproxy -f
+complete -c dumpproxy -n __fish_dumpproxy_wrapping -xa '(__fish_dumpproxy_wrapped)'
+
+set -l opts -n 'not __fish_dumpproxy_wrapping'
+
+complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
+complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
+complete -c dumpproxy $opts -l mode -x -d 'Proxy mode (default regular)' -a '
+    regular\t"Explicit HTTP(S) proxy (default)"
+    upstream:\t"Through the HTTP proxy at URL (upstream:URL)"
+    reverse:\t"Act as the server at URL (reverse:URL)"
+    socks5\t"SOCKS5 proxy"
+    transparent\t"Transparent proxy (iptables/nftables)"'
+complete -c dumpproxy $opts -l ignore-hosts -x -d 'Pass matching destinations through (regex, repeatable)'
+complete -c dumpproxy $opts -l allow-hosts -x -d 'Intercept only matching destinations (regex, repeatable)'
+complete -c dumpproxy $opts -l ignore-hosts-file -r -F -d 'Read ignore patterns from FILE (- for stdin)'
+complete -c dumpproxy $opts -l allow-hosts-file -r -F -d 'Read allow patterns from FILE (- for stdin)'
+complete -c dumpproxy $opts -l check -x -d 'Print the decision for each HOST:PORT and exit'
+complete -c dumpproxy $opts -l pattern-for -x -d 'Print the exact-match pattern for HOST:PORT and exit'
+complete -c dumpproxy $opts -l peek-timeout -x -d 'Seconds to wait for a tunnel client\'s first bytes (default 10)'
+complete -c dumpproxy $opts -l ca-dir -x -a '(__fish_complete_directories (commandline -ct))' -d 'Directory holding the CA'
+complete -c dumpproxy $opts -l print-ca -d 'Print the CA certificate (PEM) and exit'
+complete -c dumpproxy $opts -s k -l ssl-insecure -d 'Do not verify upstream certificates'
+complete -c dumpproxy $opts -l upstream-ca -r -F -d 'Extra CA bundle trusted for upstream servers'
+complete -c dumpproxy $opts -l bodies -d 'Include bodies in response events'
+complete -c dumpproxy $opts -l max-body-bytes -x -d 'Cap on each body kept in an event (default 65536)'
+complete -c dumpproxy $opts -l no-redact -d 'Show credential header values'
+complete -c dumpproxy $opts -l proxyauth -x -d 'Require proxy authentication (USER:PASS)'
+complete -c dumpproxy $opts -s o -l output -r -F -d 'Write events to FILE (appending)'
+complete -c dumpproxy $opts -l format -x -a 'json text' -d 'Output format (default json)'
+complete -c dumpproxy $opts -s q -l quiet -d 'Print less on stderr'
+complete -c dumpproxy $opts -s v -l verbose -d 'Print more on stderr'
+complete -c dumpproxy $opts -l version -d 'Print the version and exit'
+complete -c dumpproxy $opts -s h -l help -d 'Print a usage summary and exit'

@@ -1,0 +1,3 @@
+from dumpproxy.cli import main
+
+raise SystemExit(main())

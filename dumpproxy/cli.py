@@ -1,0 +1,237 @@
+"""Command line: options, validation (one-line errors, exit 2), and the run modes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import ssl
+import sys
+
+import orjson
+
+from dumpproxy import __version__
+from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
+from dumpproxy.config import Config
+from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
+
+MODES = ("regular", "upstream:URL", "reverse:URL", "socks5", "transparent")
+IMPLEMENTED_MODES = ("regular",)
+
+DESCRIPTION = """\
+Intercepting HTTP(S) proxy that writes one JSON object per line for every event
+(connections, TLS, requests, responses, intercept/passthrough decisions, errors).
+Events go to stdout (or -o FILE); stderr is for humans.
+
+With `-- CMD [ARG...]` (wrap mode) it runs CMD through the proxy on a free port,
+with proxy and CA variables set, and exits with CMD's status."""
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dumpproxy",
+        usage="dumpproxy [OPTIONS]\n       dumpproxy [OPTIONS] -- CMD [ARG...]",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    g = p.add_argument_group("listening")
+    g.add_argument("--listen-host", metavar="HOST", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1)")
+    g.add_argument("-p", "--listen-port", metavar="PORT", type=_port, default=None,
+                   help="port; 0 picks a free one (default: 8080; wrap mode: 0)")
+    g.add_argument("--mode", metavar="MODE", default="regular",
+                   help="regular (default), upstream:URL, reverse:URL, socks5, transparent")
+    g.add_argument("--proxyauth", metavar="USER:PASS",
+                   help="require HTTP Basic proxy authentication")
+    f = p.add_argument_group("intercept or pass through")
+    f.add_argument("--ignore-hosts", metavar="REGEX", action="append", default=[],
+                   help="pass matching destinations through untouched; repeatable")
+    f.add_argument("--allow-hosts", metavar="REGEX", action="append", default=[],
+                   help="intercept only matching destinations; repeatable")
+    f.add_argument("--ignore-hosts-file", metavar="FILE", action="append", default=[],
+                   help="ignore patterns from FILE, one per line ('-' = stdin); repeatable")
+    f.add_argument("--allow-hosts-file", metavar="FILE", action="append", default=[],
+                   help="allow patterns from FILE, one per line ('-' = stdin); repeatable")
+    f.add_argument("--check", metavar="HOST:PORT", nargs="+",
+                   help="print the decision for each target ('-' = lines of stdin) and exit")
+    f.add_argument("--pattern-for", metavar="HOST:PORT",
+                   help="print the pattern matching exactly HOST:PORT and exit")
+    f.add_argument("--peek-timeout", metavar="SECONDS", type=_positive_float, default=10.0,
+                   help="how long to wait for a tunnel's first bytes before deciding "
+                        "(default: 10)")
+    t = p.add_argument_group("TLS")
+    t.add_argument("--ca-dir", metavar="DIR", default=None,
+                   help="where the CA lives (default: $DUMPPROXY_HOME, else "
+                        "$XDG_CONFIG_HOME/dumpproxy, else ~/.config/dumpproxy)")
+    t.add_argument("--print-ca", action="store_true",
+                   help="print the CA certificate (PEM), creating the CA if needed, and exit")
+    t.add_argument("-k", "--ssl-insecure", action="store_true",
+                   help="do not verify upstream certificates")
+    t.add_argument("--upstream-ca", metavar="FILE",
+                   help="extra CA bundle trusted for upstream servers")
+    o = p.add_argument_group("output")
+    o.add_argument("--bodies", action="store_true",
+                   help="include request/response bodies in response events")
+    o.add_argument("--max-body-bytes", metavar="N", type=_count, default=65536,
+                   help="cap on each body kept in an event (default: 65536)")
+    o.add_argument("--no-redact", action="store_true",
+                   help="show credential header values (authorization, cookie, ...)")
+    o.add_argument("-o", "--output", metavar="FILE",
+                   help="append events to FILE instead of stdout")
+    o.add_argument("--format", choices=("json", "text"), default="json",
+                   help="json (default) or text, the human event log")
+    v = o.add_mutually_exclusive_group()
+    v.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
+    v.add_argument("-v", "--verbose", action="store_true", help="more on stderr")
+    a("--version", action="version", version=f"dumpproxy {__version__}")
+    return p
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0-65535)")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (seconds > 0)")
+    return value
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"dumpproxy: error: {message}", file=sys.stderr)
+    return status
+
+
+def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Config:
+    mode = args.mode
+    known = [m.split(":")[0] for m in MODES]
+    kind = mode.split(":", 1)[0]
+    if kind not in known:
+        raise UsageError(f"--mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if kind in ("upstream", "reverse") and not mode.partition(":")[2]:
+        raise UsageError(f"--mode: {kind} needs a URL ({kind}:http://host:port)")
+    if kind not in IMPLEMENTED_MODES:
+        raise UsageError(f"--mode: mode {kind!r} is not implemented yet in this version")
+    if args.proxyauth is not None and ":" not in args.proxyauth:
+        raise UsageError("--proxyauth: expected USER:PASS")
+    if args.upstream_ca:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=args.upstream_ca)
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e
+            raise UsageError(f"--upstream-ca: {args.upstream_ca}: {reason}") from None
+    port = args.listen_port if args.listen_port is not None else (0 if wrap else 8080)
+    return Config(
+        listen_host=args.listen_host,
+        listen_port=port,
+        mode=mode,
+        sources=sources,
+        peek_timeout=args.peek_timeout,
+        ca_dir=args.ca_dir or default_ca_dir(),
+        ssl_insecure=args.ssl_insecure,
+        upstream_ca=args.upstream_ca,
+        bodies=args.bodies,
+        max_body_bytes=args.max_body_bytes,
+        redact=not args.no_redact,
+        proxyauth=args.proxyauth,
+        output=args.output,
+        format=args.format,
+        verbosity=-1 if args.quiet else (1 if args.verbose else 0),
+    )
+
+
+def check_targets(hf: HostFilter, targets: list[str]) -> int:
+    from dumpproxy.hostfilter import split_host_port
+
+    if targets == ["-"]:
+        targets = [line.strip() for line in sys.stdin if line.strip()]
+    out = bytearray()
+    for target in targets:
+        try:
+            split_host_port(target)
+        except ValueError as e:
+            return _fail(f"--check: {e}")
+        d = hf.decide([target])
+        out += orjson.dumps(
+            {"event": "decision", "address": target, **d.fields(), "sni": None},
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+    sys.stdout.buffer.write(bytes(out))
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1 :]
+        if not command:
+            return _fail("nothing to run after '--'")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pattern_for is not None:
+        try:
+            print(exact_pattern(args.pattern_for))
+        except ValueError as e:
+            return _fail(f"--pattern-for: {e}")
+        return 0
+    stdin_users = (args.ignore_hosts_file + args.allow_hosts_file).count("-") + (
+        args.check == ["-"]
+    )
+    if stdin_users > 1:
+        return _fail("standard input ('-') can be used only once")
+    sources = FilterSources(
+        tuple(args.ignore_hosts), tuple(args.allow_hosts),
+        tuple(args.ignore_hosts_file), tuple(args.allow_hosts_file),
+    )
+    try:
+        sources = sources.with_stdin()
+        hf = sources.load()
+    except PatternError as e:
+        return _fail(str(e))
+    if args.check:
+        return check_targets(hf, args.check)
+    try:
+        cfg = _config(args, sources, wrap=command is not None)
+    except UsageError as e:
+        return _fail(str(e))
+    try:
+        ca = load_or_create_ca(cfg.ca_dir)
+    except CAError as e:
+        return _fail(str(e), 1)
+    if args.print_ca:
+        sys.stdout.buffer.write(ca.pem)
+        sys.stdout.flush()
+        return 0
+    if cfg.output:
+        try:
+            fd = os.open(cfg.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            return _fail(f"--output: {cfg.output}: {e.strerror}")
+    else:
+        fd = sys.stdout.fileno()
+    from dumpproxy.runner import run
+
+    try:
+        return asyncio.run(run(cfg, hf, ca, fd, command))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130

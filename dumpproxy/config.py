@@ -1,0 +1,31 @@
+"""Run-time configuration, built from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dumpproxy.hostfilter import FilterSources
+
+
+@dataclass
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    mode: str = "regular"
+    sources: FilterSources = field(default_factory=FilterSources)
+    peek_timeout: float = 10.0
+    ca_dir: str = ""
+    ssl_insecure: bool = False
+    upstream_ca: str | None = None
+    bodies: bool = False
+    max_body_bytes: int = 65536
+    redact: bool = True
+    proxyauth: str | None = None
+    output: str | None = None
+    format: str = "json"
+    verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
+    # SPEC §7 timeouts (seconds)
+    client_idle_timeout: float = 60.0
+    response_timeout: float = 60.0
+    connect_timeout: float = 30.0
+    idle_timeout: float = 600.0

@@ -1,0 +1,109 @@
+"""The event writer: one JSON line (or text line) per event, batched, never interleaved.
+
+Lines are appended to an in-memory batch and written with one blocking os.write per
+batch, at most FLUSH_DELAY after the first line of the batch (or at once when it grows
+large). A blocking write on a full pipe stalls the event loop: that is the back-pressure
+the contract asks for, and it keeps memory bounded. When the reader goes away the writer
+calls `on_broken` once and drops everything after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+
+import orjson
+
+from dumpproxy.textformat import format_text
+
+FLUSH_DELAY = 0.02  # seconds; well under the 100 ms promise
+FLUSH_BYTES = 64 * 1024
+
+_OPTS = orjson.OPT_APPEND_NEWLINE
+
+
+class EventWriter:
+    def __init__(self, fd: int, fmt: str = "json", on_broken: Callable[[], None] | None = None):
+        self.fd = fd
+        self.text = fmt == "text"
+        self.on_broken = on_broken
+        self.broken = False
+        self._batch: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        try:
+            os.set_blocking(fd, True)
+        except OSError:
+            pass
+
+    def emit(self, event: str, fields: dict | None = None, conn: object | None = None) -> dict:
+        """Write one event: ts, event, conn/client (when tied to a connection), fields."""
+        ev: dict = {"ts": round(time.time(), 6), "event": event}
+        if conn is not None:
+            ev["conn"] = conn.id  # type: ignore[attr-defined]
+            ev["client"] = conn.client  # type: ignore[attr-defined]
+        if fields:
+            ev.update(fields)
+        self.write(ev)
+        return ev
+
+    def write(self, ev: dict) -> None:
+        if self.broken:
+            return
+        if self.text:
+            line = format_text(ev)
+            if line is None:
+                return
+            data = line.encode()
+        else:
+            data = orjson.dumps(ev, option=_OPTS)
+        self._batch.append(data)
+        self._size += len(data)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._batch or self.broken:
+            return
+        data = b"".join(self._batch) if len(self._batch) > 1 else self._batch[0]
+        self._batch.clear()
+        self._size = 0
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except (BrokenPipeError, ConnectionResetError):
+            self._break()
+        except BlockingIOError:
+            # A non-blocking descriptor we could not switch: wait for it, keep order.
+            import select
+
+            while view:
+                select.select([], [self.fd], [])
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    self._break()
+                    return
+                view = view[n:]
+
+    def _break(self) -> None:
+        self.broken = True
+        self._batch.clear()
+        if self.on_broken is not None:
+            self.on_broken()

@@ -1,0 +1,93 @@
+"""Header conversions: event header objects, redaction, hop-by-hop filtering (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Hop-by-hop fields (RFC 9110 7.6.1) plus the proxy-only ones; never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+# Schemes whose following word is kept when redacting (Authorization: Bearer <redacted>).
+REDACTED = "<redacted>"
+
+
+def text(value: bytes) -> str:
+    """Header bytes as text: UTF-8 when valid, else Latin-1 (never fails)."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def redact(name: str, value: str) -> str:
+    if name in ("authorization", "proxy-authorization"):
+        scheme, sep, _ = value.strip().partition(" ")
+        return f"{scheme} {REDACTED}" if sep else REDACTED
+    return REDACTED
+
+
+def header_object(items: Iterable[tuple[bytes, bytes]], redact_credentials: bool) -> dict:
+    """Event `headers`: lower-case names, repeats joined (", " or "\\n" for set-cookie)."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in items:
+        name = text(raw_name).lower()
+        value = text(raw_value)
+        if redact_credentials and name in CREDENTIAL_HEADERS:
+            value = redact(name, value)
+        if name in out:
+            out[name] += ("\n" if name == "set-cookie" else ", ") + value
+        else:
+            out[name] = value
+    return out
+
+
+def connection_tokens(items: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Field names listed in Connection headers (also hop-by-hop for this message)."""
+    tokens: set[bytes] = set()
+    for name, value in items:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def forwardable(
+    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """Headers to forward to the next hop: hop-by-hop and Connection-named fields removed.
+
+    With keep_upgrade, `Upgrade` and `Connection: upgrade` survive so that a WebSocket
+    handshake reaches the origin.
+    """
+    drop = connection_tokens(items) | HOP_BY_HOP
+    if keep_upgrade:
+        drop = drop - {b"upgrade"}
+    out = [(n, v) for n, v in items if n.lower() not in drop]
+    if keep_upgrade:
+        out.append((b"Connection", b"upgrade"))
+    return out
+
+
+def header_value(items: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """First value of a (lower-case) header name."""
+    for n, v in items:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def has_token(items: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+    for n, v in items:
+        if n.lower() == name and token in (t.strip().lower() for t in v.split(b",")):
+            return True
+    return False

@@ -1,0 +1,287 @@
+"""The host filter: ignore/allow pattern lists and the intercept-or-passthrough rule (pure).
+
+Candidates are `host:port` strings (SPEC §3). Patterns are matched with re.search and
+IGNORECASE. Large lists are matched through combined regexes over chunks of patterns (one
+C-level search per chunk instead of one per pattern), and results are cached per candidate.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+CHUNK = 128  # patterns per combined regex: few searches, cheap to find the winner inside
+CACHE_MAX = 8192
+
+
+class PatternError(Exception):
+    """A user mistake in a pattern or pattern file; the message names the culprit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    text: str
+    source: str  # "ignore.txt:3" or "--ignore-hosts"
+    regex: re.Pattern
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str  # "intercept" / "passthrough"
+    reason: str  # "allow_hosts" / "ignore_hosts" / "default"
+    pattern: str | None
+    source: str | None
+    matched: str | None
+    candidates: tuple[str, ...]
+
+    @property
+    def passthrough(self) -> bool:
+        return self.action == "passthrough"
+
+    def fields(self) -> dict:
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "pattern": self.pattern,
+            "source": self.source,
+            "matched": self.matched,
+            "candidates": list(self.candidates),
+        }
+
+
+def compile_pattern(text: str, source: str) -> Pattern:
+    try:
+        return Pattern(text, source, re.compile(text, re.IGNORECASE))
+    except re.error as e:
+        raise PatternError(f"{source}: invalid pattern {text!r}: {e}") from None
+
+
+def parse_pattern_lines(lines: Iterable[str], path: str) -> list[Pattern]:
+    """Pattern-file syntax: stripped lines; blank lines and `#` comments skipped."""
+    out = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text and not text.startswith("#"):
+            out.append(compile_pattern(text, f"{path}:{number}"))
+    return out
+
+
+def read_pattern_file(path: str, stdin_text: str | None = None) -> list[Pattern]:
+    if path == "-":
+        if stdin_text is None:
+            stdin_text = sys.stdin.read()
+        return parse_pattern_lines(stdin_text.splitlines(), "-")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise PatternError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise PatternError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_pattern_lines(text.splitlines(), path)
+
+
+def _combinable(p: Pattern) -> bool:
+    # Named groups would clash and backreferences would shift once patterns are joined;
+    # leading global flags are only legal at the very start. Such patterns stand alone.
+    return not p.regex.groupindex and not re.search(r"\\[1-9]|\(\?P=|^\(\?[aiLmsux]+\)", p.text)
+
+
+class PatternList:
+    """An ordered pattern list; `first_match` gives the first pattern matching a string."""
+
+    def __init__(self, patterns: Sequence[Pattern]):
+        self.patterns = tuple(patterns)
+        self._groups: list[tuple[re.Pattern, tuple[Pattern, ...]]] = []
+        run: list[Pattern] = []
+        for p in self.patterns:
+            if _combinable(p):
+                run.append(p)
+                if len(run) == CHUNK:
+                    self._add_group(run)
+                    run = []
+            else:
+                if run:
+                    self._add_group(run)
+                    run = []
+                self._groups.append((p.regex, (p,)))
+        if run:
+            self._add_group(run)
+        self._cache: dict[str, Pattern | None] = {}
+
+    def _add_group(self, run: list[Pattern]) -> None:
+        if len(run) == 1:
+            self._groups.append((run[0].regex, (run[0],)))
+            return
+        combined = re.compile("|".join(f"(?:{p.text})" for p in run), re.IGNORECASE)
+        self._groups.append((combined, tuple(run)))
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def first_match(self, candidate: str) -> Pattern | None:
+        try:
+            return self._cache[candidate]
+        except KeyError:
+            pass
+        found = None
+        for combined, members in self._groups:
+            if combined.search(candidate):
+                found = next(p for p in members if p.regex.search(candidate))
+                break
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[candidate] = found
+        return found
+
+    def search(self, candidates: Iterable[str]) -> tuple[Pattern, str] | None:
+        """The first candidate (in order) that any pattern matches, with that pattern."""
+        for c in candidates:
+            p = self.first_match(c)
+            if p is not None:
+                return p, c
+        return None
+
+
+@dataclass(frozen=True)
+class HostFilter:
+    allow: PatternList
+    ignore: PatternList
+
+    @property
+    def empty(self) -> bool:
+        return not self.allow and not self.ignore
+
+    def decide(self, candidates: Sequence[str]) -> Decision:
+        cands = tuple(candidates)
+        allowed = None
+        if self.allow:
+            allowed = self.allow.search(cands)
+            if allowed is None:
+                return Decision("passthrough", "allow_hosts", None, None, None, cands)
+        if self.ignore:
+            hit = self.ignore.search(cands)
+            if hit is not None:
+                p, c = hit
+                return Decision("passthrough", "ignore_hosts", p.text, p.source, c, cands)
+        if allowed is not None:
+            p, c = allowed
+            return Decision("intercept", "allow_hosts", p.text, p.source, c, cands)
+        return Decision("intercept", "default", None, None, None, cands)
+
+
+@dataclass(frozen=True)
+class FilterSources:
+    """Where the patterns come from, kept so that SIGHUP can re-read the files."""
+
+    ignore_flags: tuple[str, ...] = ()
+    allow_flags: tuple[str, ...] = ()
+    ignore_files: tuple[str, ...] = ()
+    allow_files: tuple[str, ...] = ()
+    stdin_text: str | None = None  # `-` is read once; a reload reuses it
+
+    def with_stdin(self) -> FilterSources:
+        if "-" not in self.ignore_files + self.allow_files or self.stdin_text is not None:
+            return self
+        return FilterSources(
+            self.ignore_flags, self.allow_flags, self.ignore_files, self.allow_files,
+            sys.stdin.read(),
+        )
+
+    def load(self) -> HostFilter:
+        """Compile every pattern; raises PatternError naming the first bad one."""
+
+        def gather(flags: tuple[str, ...], flag: str, files: tuple[str, ...]) -> PatternList:
+            pats = [compile_pattern(t, flag) for t in flags]
+            for path in files:
+                pats.extend(read_pattern_file(path, self.stdin_text))
+            return PatternList(pats)
+
+        return HostFilter(
+            allow=gather(self.allow_flags, "--allow-hosts", self.allow_files),
+            ignore=gather(self.ignore_flags, "--ignore-hosts", self.ignore_files),
+        )
+
+
+# --- candidate strings and host:port syntax ---------------------------------------------
+
+
+def strip_brackets(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def join_host_port(host: str, port: int) -> str:
+    host = strip_brackets(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_host_port(target: str, default_port: int | None = None) -> tuple[str, int]:
+    """`example.com:443`, `[::1]:443` -> (host, port) with brackets removed.
+
+    Raises ValueError for a missing or bad port (unless default_port) or empty host.
+    """
+    target = target.strip()
+    if target.startswith("["):
+        end = target.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in {target!r}")
+        host, rest = target[1:end], target[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ']' in {target!r}")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, sep, port_text = target.rpartition(":")
+        if not sep:
+            host, port_text = target, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{target!r} has no port (expected HOST:PORT)")
+        port = default_port
+    else:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"bad port in {target!r}")
+        port = int(port_text)
+    if not host:
+        raise ValueError(f"{target!r} has no host")
+    return host, port
+
+
+def _forms(host: str, port: int) -> list[str]:
+    host = strip_brackets(host)
+    if ":" in host:  # IPv6: bracketed and bare, so patterns written either way work
+        return [f"[{host}]:{port}", f"{host}:{port}"]
+    return [f"{host}:{port}"]
+
+
+def candidates(
+    host: str,
+    port: int,
+    ip: str | None = None,
+    sni: str | None = None,
+    host_header: str | None = None,
+) -> list[str]:
+    """Candidate strings in SPEC §3 order: resolved ip, logical host, SNI, Host header."""
+    out: list[str] = []
+    if ip is not None:
+        out += _forms(ip, port)
+    out += _forms(host, port)
+    if sni:
+        out += _forms(sni, port)
+    if host_header:
+        try:
+            h, p = split_host_port(host_header, default_port=port)
+        except ValueError:
+            h, p = host_header, port
+        out += _forms(h, p)
+    return list(dict.fromkeys(out))  # unique, order kept
+
+
+def exact_pattern(target: str) -> str:
+    """`--pattern-for`: a pattern matching exactly this host:port (every metachar escaped)."""
+    host, port = split_host_port(target)
+    return "^" + re.escape(join_host_port(host, port)) + "$"

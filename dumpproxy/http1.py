@@ -1,0 +1,537 @@
+"""The HTTP/1 bridge: requests read from a client with h11, forwarded upstream with h11.
+
+One bridge serves every place HTTP/1 appears: absolute-form requests to the explicit
+proxy (each decided on its own), and origin-form requests inside an intercepted tunnel
+(the tunnel was decided at CONNECT; its destination is fixed). Bodies stream through in
+both directions; nothing is held whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import h11
+
+from dumpproxy import headers as hdr
+from dumpproxy.hostfilter import candidates, join_host_port
+from dumpproxy.relay import Relay
+from dumpproxy.streams import Stream, StreamTimeout
+from dumpproxy.upstream import Upstream, UpstreamError
+
+if TYPE_CHECKING:
+    from dumpproxy.proxy import ClientConn
+
+MAX_HEAD = 64 * 1024
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ClientGone(Exception):
+    """The client closed or reset its connection mid-exchange."""
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+async def next_event(h: h11.Connection, stream: Stream, timeout: float | None):
+    """The next h11 event, reading from the stream as needed (b"" feeds EOF)."""
+    while True:
+        ev = h.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        h.receive_data(await stream.read(timeout))
+
+
+def send(h: h11.Connection, stream: Stream, event) -> None:
+    data = h.send(event)
+    if data:
+        stream.write(data)
+
+
+def error_response(status: int, message: str) -> list:
+    body = (message.rstrip("\n") + "\n").encode()
+    head = h11.Response(
+        status_code=status,
+        headers=[
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ],
+    )
+    return [head, h11.Data(data=body), h11.EndOfMessage()]
+
+
+def build_url(scheme: str, host: str, port: int, path: str) -> str:
+    authority = join_host_port(host, port) if DEFAULT_PORTS.get(scheme) != port else (
+        f"[{host}]" if ":" in host else host
+    )
+    return f"{scheme}://{authority}{path}"
+
+
+class BodyCapture:
+    """The first N bytes of a body, for `--bodies`."""
+
+    __slots__ = ("limit", "data", "truncated")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if room >= len(chunk):
+            self.data += chunk
+        else:
+            if room > 0:
+                self.data += chunk[:room]
+            self.truncated = True
+
+    def fields(self, prefix: str) -> dict:
+        raw = bytes(self.data)
+        try:
+            out: dict = {prefix: raw.decode()}
+        except UnicodeDecodeError:
+            out = {prefix: base64.b64encode(raw).decode(), f"{prefix}_encoding": "base64"}
+        if self.truncated:
+            out[f"{prefix}_truncated"] = True
+        return out
+
+
+@dataclass
+class Target:
+    """A fixed destination (inside a tunnel): every request goes there."""
+
+    scheme: str
+    host: str
+    port: int
+    server_name: str | None  # TLS SNI to use when reconnecting
+    alpn: tuple[str, ...]
+    upstream: Upstream | None
+
+    async def connection(self, cc: ClientConn) -> Upstream:
+        if self.upstream is not None and self.upstream.reusable:
+            return self.upstream
+        if self.upstream is not None:
+            self.upstream.close()
+        up = await Upstream.open(cc, self.host, self.port)
+        if self.scheme == "https":
+            try:
+                await up.start_tls(self.server_name or self.host, self.alpn)
+            except UpstreamError:
+                up.close()
+                raise
+        self.upstream = up
+        return up
+
+
+async def serve_http1(cc: ClientConn, client: Stream, target: Target | None) -> None:
+    """Serve HTTP/1 requests from one client stream until it closes.
+
+    target None: explicit proxy (absolute-form, decided per request, CONNECT allowed).
+    """
+    h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    cfg = cc.proxy.cfg
+    while True:
+        try:
+            ev = await next_event(h, client, cfg.client_idle_timeout)
+        except StreamTimeout:
+            if h.their_state is not h11.IDLE or h.trailing_data[0]:
+                cc.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
+            return
+        except h11.RemoteProtocolError as e:
+            cc.error("http", f"malformed request: {e}")
+            _answer_error(h, client, e.error_status_hint or 400, f"Bad request: {e}")
+            return
+        except ConnectionError:
+            return
+        if type(ev) is not h11.Request:  # ConnectionClosed (clean EOF)
+            return
+        if target is None and ev.method == b"CONNECT":
+            await cc.connect_tunnel(h, client, ev)
+            return
+        keep = await Exchange(cc, h, client, ev, target).run()
+        if not keep or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return
+        h.start_next_cycle()
+
+
+def _answer_error(h: h11.Connection, client: Stream, status: int, message: str) -> None:
+    """Best effort error answer; the connection is closed after it."""
+    if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    try:
+        for event in error_response(status, message):
+            send(h, client, event)
+    except (h11.LocalProtocolError, ConnectionError):
+        pass
+
+
+class Exchange:
+    """One request/response through the bridge."""
+
+    def __init__(self, cc: ClientConn, h: h11.Connection, client: Stream, req: h11.Request,
+                 target: Target | None):
+        self.cc = cc
+        self.proxy = cc.proxy
+        self.h = h
+        self.client = client
+        self.req = req
+        self.target = target
+        self.flow = 0
+        self.record = True
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.started = time.monotonic()
+        self.status: int | None = None
+        self.sent_head = False
+        cfg = self.proxy.cfg
+        self.req_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
+        self.resp_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
+
+    # -- request line and destination --
+    def _destination(self) -> tuple[str, str, int, str]:
+        """scheme, host, port, origin-form path."""
+        raw = self.req.target.decode("latin-1")
+        if self.target is not None and raw.startswith("/"):
+            t = self.target
+            return t.scheme, t.host, t.port, raw
+        if self.target is None and raw.startswith("/"):
+            raise BadRequest(
+                "dumpproxy is a proxy: send absolute-form requests (GET http://host/ HTTP/1.1)"
+            )
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError as e:
+            raise BadRequest(f"bad request target {raw!r}: {e}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS or not parts.hostname:
+            raise BadRequest(f"unsupported request target {raw!r}")
+        if self.target is not None:  # absolute-form inside a tunnel: the tunnel decides
+            t = self.target
+            scheme, host, port = t.scheme, t.host, t.port
+        else:
+            host = parts.hostname
+            port = port or DEFAULT_PORTS[scheme]
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return scheme, host, port, path
+
+    async def run(self) -> bool:
+        """Forward the exchange; True when the client connection may be kept alive."""
+        req = self.req
+        items = list(req.headers.raw_items())
+        try:
+            if self.target is None and not self.proxy.authorized(items):
+                self.cc.error("auth", "proxy authentication required")
+                return self._reply_407()
+            if hdr.header_value(items, b"transfer-encoding") is not None and \
+                    hdr.header_value(items, b"content-length") is not None:
+                raise BadRequest("request has both Content-Length and Transfer-Encoding")
+            scheme, host, port, path = self._destination()
+        except BadRequest as e:
+            self.cc.error("http", str(e))
+            self._fail(e.status, str(e))
+            return False
+        self.scheme, self.host, self.port, self.path = scheme, host, port, path
+        self.url = build_url(scheme, host, port, path)
+        try:
+            up = await self._upstream()
+        except UpstreamError as e:
+            self.cc.error(e.stage, e.message, address=join_host_port(host, port),
+                          flow=self.flow or None)
+            self._fail(e.status, e.message)
+            return False
+        try:
+            return await self._forward(up, items)
+        except asyncio.CancelledError:
+            self.cc.error("shutdown", "proxy shutting down mid-exchange", flow=self.flow or None,
+                          address=up.address)
+            up.close()
+            raise
+
+    async def _upstream(self) -> Upstream:
+        if self.target is not None:
+            up = await self.target.connection(self.cc)
+            self._begin()
+            return up
+        up = await self.cc.upstream_for(self.scheme, self.host, self.port)
+        decision = self.cc.decide(
+            self.host, self.port, candidates(self.host, self.port, ip=up.ip_host), sni=None
+        )
+        self.record = not decision.passthrough
+        self._begin()
+        return up
+
+    def _begin(self) -> None:
+        """Number the flow and write the `request` event (intercepted exchanges only)."""
+        self.proxy.stats_requests += 1
+        if not self.record:
+            return
+        self.flow = self.proxy.next_flow()
+        req = self.req
+        self.proxy.emit(
+            "request",
+            {
+                "flow": self.flow,
+                "method": req.method.decode("latin-1"),
+                "url": self.url,
+                "scheme": self.scheme,
+                "host": self.host,
+                "port": self.port,
+                "path": self.path,
+                "http_version": "HTTP/" + req.http_version.decode(),
+                "headers": hdr.header_object(req.headers.raw_items(), self.proxy.cfg.redact),
+            },
+            self.cc,
+        )
+
+    # -- forwarding; failures are attributed to the side they came from --
+    def _to_client(self, event) -> None:
+        try:
+            send(self.h, self.client, event)
+        except ConnectionError as e:
+            raise ClientGone(str(e)) from None
+
+    def _to_up(self, up: Upstream, event) -> None:
+        try:
+            send(up.h, up.stream, event)  # type: ignore[arg-type]
+        except ConnectionError as e:
+            raise UpstreamGone(str(e)) from None
+
+    def _client_event(self):
+        try:
+            return self.h.next_event()
+        except h11.RemoteProtocolError as e:
+            raise ClientGone(f"malformed request body: {e}") from None
+
+    async def _forward(self, up: Upstream, items: list[tuple[bytes, bytes]]) -> bool:
+        req = self.req
+        upgrade = hdr.header_value(items, b"upgrade") is not None and hdr.has_token(
+            items, b"connection", b"upgrade"
+        )
+        out = hdr.forwardable(items, keep_upgrade=upgrade)
+        if hdr.header_value(out, b"host") is None:
+            out.insert(0, (b"Host", join_host_port(self.host, self.port).encode()))
+        if up.h is None:
+            up.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        upload: asyncio.Task | None = None
+        try:
+            self._to_up(up, h11.Request(method=req.method, target=self.path.encode(),
+                                        headers=out))
+            first = self._client_event()
+            if type(first) is h11.EndOfMessage:
+                self._to_up(up, h11.EndOfMessage())
+            else:
+                upload = asyncio.ensure_future(self._upload(up, first))
+            try:
+                await up.stream.drain()
+            except ConnectionError as e:
+                raise UpstreamGone(str(e)) from None
+            keep = await self._download(up, upgrade)
+        except BaseException as e:
+            if upload is not None and not upload.done():
+                upload.cancel()
+                await asyncio.gather(upload, return_exceptions=True)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return self._broken(up, e)
+        if upload is not None:
+            if not upload.done():
+                # The response ended before the request body: stop, close both.
+                upload.cancel()
+                await asyncio.gather(upload, return_exceptions=True)
+                keep = False
+            elif upload.exception() is not None:
+                return self._broken(up, upload.exception())  # type: ignore[arg-type]
+        return keep
+
+    def _broken(self, up: Upstream, e: BaseException) -> bool:
+        """Something failed mid-exchange: answer if we still can, record, close."""
+        up.close()
+        if isinstance(e, ClientGone):
+            self.cc.error("client", f"client connection lost: {e}", flow=self.flow or None,
+                          address=up.address)
+            return False
+        if isinstance(e, StreamTimeout):
+            status = 504
+            msg = (
+                f"no response from {up.address} within {self.proxy.cfg.response_timeout:g} s"
+                if not self.sent_head else f"{up.address} stalled mid-response"
+            )
+        elif isinstance(e, h11.RemoteProtocolError):
+            status, msg = 502, f"malformed response from {up.address}: {e}"
+        elif isinstance(e, BadResponse):
+            status, msg = 502, str(e)
+        elif isinstance(e, UpstreamGone):
+            status, msg = 502, f"{up.address} closed the connection: {e}"
+        else:
+            status, msg = 502, f"error talking to {up.address}: {e!r}"
+        self.cc.error("upstream", msg, flow=self.flow or None, address=up.address)
+        if not self.sent_head:
+            self._fail(status, msg)
+        else:
+            self.client.abort()
+        return False
+
+    async def _upload(self, up: Upstream, ev) -> None:
+        """Client body -> upstream, streamed."""
+        cfg = self.proxy.cfg
+        while True:
+            if ev is h11.NEED_DATA:
+                try:
+                    data = await self.client.read(cfg.idle_timeout)
+                except (StreamTimeout, ConnectionError) as e:
+                    raise ClientGone(f"request body interrupted: {e!r}") from None
+                self.h.receive_data(data)
+            elif type(ev) is h11.Data:
+                self.request_bytes += len(ev.data)
+                if self.req_body is not None:
+                    self.req_body.add(ev.data)
+                self._to_up(up, ev)
+                try:
+                    await up.stream.drain()
+                except ConnectionError as e:
+                    raise UpstreamGone(str(e)) from None
+            elif type(ev) is h11.EndOfMessage:
+                self._to_up(up, ev)
+                return
+            elif type(ev) is h11.ConnectionClosed:
+                raise ClientGone("closed before the request body ended")
+            ev = self._client_event()
+
+    async def _read_up(self, up: Upstream, timeout: float):
+        try:
+            ev = await next_event(up.h, up.stream, timeout)  # type: ignore[arg-type]
+        except ConnectionError as e:
+            raise UpstreamGone(str(e) or "connection reset") from None
+        if type(ev) is h11.ConnectionClosed:
+            raise UpstreamGone("connection closed before the response ended")
+        return ev
+
+    async def _download(self, up: Upstream, upgrade: bool) -> bool:
+        """Upstream response -> client, streamed. Returns keep-alive."""
+        client, cfg = self.client, self.proxy.cfg
+        uh = up.h
+        assert uh is not None
+        while True:
+            ev = await self._read_up(up, cfg.response_timeout)
+            if type(ev) is h11.InformationalResponse:
+                if ev.status_code == 101 and upgrade:
+                    await self._switch(up, ev)
+                    return False
+                if self.req.http_version != b"1.0" and ev.status_code != 101:
+                    self._to_client(h11.InformationalResponse(
+                        status_code=ev.status_code, headers=hdr.forwardable(
+                            list(ev.headers.raw_items())), reason=ev.reason))
+                continue
+            break
+        resp: h11.Response = ev
+        rh = list(resp.headers.raw_items())
+        if hdr.header_value(rh, b"transfer-encoding") is not None and \
+                hdr.header_value(rh, b"content-length") is not None:
+            raise BadResponse(f"{up.address} sent both Content-Length and Transfer-Encoding")
+        self.status = resp.status_code
+        self._to_client(h11.Response(status_code=resp.status_code,
+                                     headers=hdr.forwardable(rh), reason=resp.reason))
+        self.sent_head = True
+        trailers: list = []
+        while True:
+            ev = await self._read_up(up, cfg.idle_timeout)
+            if type(ev) is h11.Data:
+                self.response_bytes += len(ev.data)
+                if self.resp_body is not None:
+                    self.resp_body.add(ev.data)
+                self._to_client(ev)
+                try:
+                    await client.drain()
+                except ConnectionError as e:
+                    raise ClientGone(str(e)) from None
+            elif type(ev) is h11.EndOfMessage:
+                trailers = list(ev.headers.raw_items())
+                break
+        try:
+            self._to_client(h11.EndOfMessage(headers=trailers))
+        except h11.LocalProtocolError:  # trailers need chunked framing towards the client
+            self._to_client(h11.EndOfMessage())
+        self._respond_event(resp.http_version, resp.reason, rh)
+        if uh.our_state is h11.DONE and uh.their_state is h11.DONE:
+            uh.start_next_cycle()
+        else:
+            up.close()
+        return True
+
+    async def _switch(self, up: Upstream, ev: h11.InformationalResponse) -> None:
+        """101 Switching Protocols: answer the client, then relay bytes both ways."""
+        rh = list(ev.headers.raw_items())
+        send(self.h, self.client, h11.InformationalResponse(
+            status_code=101, headers=hdr.forwardable(rh, keep_upgrade=True), reason=ev.reason))
+        self.status = 101
+        self.sent_head = True
+        self._respond_event(ev.http_version, ev.reason, rh)
+        self.client.unread(self.h.trailing_data[0])
+        up.stream.unread(up.h.trailing_data[0])  # type: ignore[union-attr]
+        relay = Relay(self.client, up.stream, self.proxy.cfg.idle_timeout)
+        try:
+            await relay.run()
+        except Exception as e:  # reset or idle: the upgraded connection is over
+            self.cc.error("upstream", f"upgraded connection ended: {e}", flow=self.flow,
+                          address=up.address)
+        finally:
+            up.close()
+
+    def _respond_event(self, http_version: bytes, reason: bytes, rh: list) -> None:
+        if not self.record:
+            return
+        fields = {
+            "flow": self.flow,
+            "method": self.req.method.decode("latin-1"),
+            "url": self.url,
+            "http_version": "HTTP/" + self.req.http_version.decode(),
+            "status": self.status,
+            "reason": reason.decode("latin-1"),
+            "headers": hdr.header_object(rh, self.proxy.cfg.redact),
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+        }
+        if self.req_body is not None and self.resp_body is not None:
+            fields.update(self.req_body.fields("request_body"))
+            fields.update(self.resp_body.fields("response_body"))
+        self.proxy.emit("response", fields, self.cc)
+
+    # -- local answers --
+    def _fail(self, status: int, message: str) -> None:
+        _answer_error(self.h, self.client, status, message)
+
+    def _reply_407(self) -> bool:
+        body = b"Proxy authentication required\n"
+        try:
+            send(self.h, self.client, h11.Response(status_code=407, headers=[
+                (b"proxy-authenticate", b'Basic realm="dumpproxy"'),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]))
+            send(self.h, self.client, h11.Data(data=body))
+            send(self.h, self.client, h11.EndOfMessage())
+        except (h11.LocalProtocolError, ConnectionError):
+            pass
+        return False
+
+
+class UpstreamGone(ConnectionError):
+    """The upstream connection closed or reset mid-exchange."""
+
+
+class BadResponse(Exception):
+    pass

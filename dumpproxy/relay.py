@@ -1,0 +1,64 @@
+"""The relay: bytes copied verbatim both ways, half-close preserved, idle timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from dumpproxy.streams import Stream, StreamTimeout
+
+IDLE_TIMEOUT = 600.0  # SPEC §7: no byte either way for 10 minutes closes a tunnel
+
+
+class RelayIdle(Exception):
+    pass
+
+
+class Relay:
+    """Copy client<->server until both directions have ended. Counts bytes each way."""
+
+    def __init__(self, client: Stream, server: Stream, idle_timeout: float = IDLE_TIMEOUT):
+        self.client = client
+        self.server = server
+        self.idle_timeout = idle_timeout
+        self.to_server = 0
+        self.to_client = 0
+        self._last = time.monotonic()
+
+    async def _pump(self, src: Stream, dst: Stream, upstream: bool) -> None:
+        while True:
+            try:
+                data = await src.read(self.idle_timeout)
+            except StreamTimeout:
+                # Idle only if the other direction was quiet too.
+                if time.monotonic() - self._last >= self.idle_timeout:
+                    raise RelayIdle(f"no data either way for {self.idle_timeout:g} s") from None
+                continue
+            if not data:
+                dst.write_eof()
+                return
+            self._last = time.monotonic()
+            if upstream:
+                self.to_server += len(data)
+            else:
+                self.to_client += len(data)
+            dst.write(data)
+            await dst.drain()
+
+    async def run(self) -> None:
+        """Returns when both directions ended; raises on reset or idle (both sides aborted)."""
+        up = asyncio.ensure_future(self._pump(self.client, self.server, True))
+        down = asyncio.ensure_future(self._pump(self.server, self.client, False))
+        try:
+            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            await asyncio.gather(up, down)
+        except BaseException:
+            up.cancel()
+            down.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            self.client.abort()
+            self.server.abort()
+            raise

@@ -1,0 +1,120 @@
+"""Running the proxy: event loop, signals, wrap mode, orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import sys
+import tempfile
+
+from dumpproxy.certs import CA, CertStore
+from dumpproxy.config import Config
+from dumpproxy.events import EventWriter
+from dumpproxy.hostfilter import HostFilter
+from dumpproxy.proxy import Proxy
+
+WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+          "GIT_SSL_CAINFO")
+
+
+def system_ca_file() -> str | None:
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+def write_bundle(ca: CA) -> str:
+    """System CAs + dumpproxy's CA in a private temp file (removed after the run)."""
+    system = system_ca_file()
+    data = b""
+    if system:
+        with open(system, "rb") as f:
+            data = f.read().rstrip(b"\n") + b"\n"
+    fd, path = tempfile.mkstemp(prefix="dumpproxy-ca-bundle-", suffix=".pem")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data + ca.pem)
+    return path
+
+
+def wrap_env(proxy_url: str, bundle: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+        env[name] = env[name.lower()] = proxy_url
+    for name in CA_ENV:
+        env[name] = bundle
+    return env
+
+
+def _status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reason: list[str] = []
+
+    def trigger(why: str) -> None:
+        if not reason:
+            reason.append(why)
+        stop.set()
+
+    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"))
+    certs = CertStore(ca)
+    proxy = Proxy(cfg, writer, hf, certs)
+    try:
+        await proxy.start()
+    except OSError as e:
+        certs.close()
+        print(f"dumpproxy: error: cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 1
+    if cfg.verbosity >= 0 and command is None:
+        print(f"dumpproxy: listening on http://{proxy.address}", file=sys.stderr)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
+
+    if command is None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
+        await stop.wait()
+        await proxy.stop(reason[0])
+        return 0
+
+    bundle = write_bundle(ca)
+    try:
+        env = wrap_env(f"http://{proxy.address}", bundle)
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),
+            )
+        except OSError as e:
+            await proxy.stop(f"cannot run {command[0]}")
+            print(f"dumpproxy: error: cannot run {command[0]}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 127 if isinstance(e, FileNotFoundError) else 126
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, _forward_signal, child, sig)
+        waiter = asyncio.ensure_future(child.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():  # our output went away: stop the command too
+            _forward_signal(child, signal.SIGTERM)
+        code = await waiter
+        stopper.cancel()
+        await proxy.stop(reason[0] if reason else "command exited", grace=WRAP_GRACE)
+        return _status(code)
+    finally:
+        os.unlink(bundle)
+
+
+def _forward_signal(child: asyncio.subprocess.Process, sig: int) -> None:
+    if child.returncode is None:
+        try:
+            child.send_signal(sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,299 @@
+"""Byte streams: a lean asyncio Protocol for sockets, and TLS over any stream via MemoryBIO.
+
+Both sides of every relay and HTTP bridge see the same small interface (`Stream`), so a
+bridge does not care whether it runs over TCP, TLS terminated by us, or TLS to the origin.
+The socket stream hands out received chunks without copying them and supports `unread`,
+which lets a tunnel peek at a ClientHello and still give those bytes to TLS or the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+READ_SIZE = 256 * 1024
+HIGH_WATER = 1024 * 1024  # pause reading from a socket whose data nobody consumes
+TLS_READ_MAX = 256 * 1024
+
+
+class StreamTimeout(Exception):
+    """No data within the allowed time."""
+
+
+class Stream:
+    """Interface shared by SocketStream and TLSStream."""
+
+    async def read(self, timeout: float | None = None) -> bytes:  # b"" at EOF
+        raise NotImplementedError
+
+    def unread(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        raise NotImplementedError
+
+    def write_eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        self.close()
+
+
+def _timeout_waiter(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(StreamTimeout())
+
+
+class SocketStream(asyncio.Protocol, Stream):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._read_waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._lost = False
+        self.peername: tuple | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- protocol callbacks --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peername = transport.get_extra_info("peername")
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._eof = True
+        if exc is not None and self._exc is None:
+            self._exc = exc
+        self._wake_reader()
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_exception(ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- Stream interface --
+    async def read(self, timeout: float | None = None) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                if self._exc is not None:
+                    raise ConnectionResetError(str(self._exc) or "connection reset")
+                return b""
+            loop = asyncio.get_running_loop()
+            self._read_waiter = fut = loop.create_future()
+            timer = loop.call_later(timeout, _timeout_waiter, fut) if timeout else None
+            try:
+                await fut
+            finally:
+                self._read_waiter = None
+                if timer is not None:
+                    timer.cancel()
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._read_paused and self._buffered < HIGH_WATER // 4:
+            self._read_paused = False
+            if not self._lost:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self._chunks.appendleft(data)
+            self._buffered += len(data)
+
+    def write(self, data: bytes) -> None:
+        if self._lost or self.transport.is_closing():  # type: ignore[union-attr]
+            raise ConnectionResetError("connection closed")
+        self.bytes_out += len(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if self._write_paused:
+            self._drain_waiter = fut = asyncio.get_running_loop().create_future()
+            try:
+                await fut
+            finally:
+                self._drain_waiter = None
+
+    def write_eof(self) -> None:
+        t = self.transport
+        if t is not None and not self._lost and not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class TLSStream(Stream):
+    """TLS over another Stream, driven through ssl.MemoryBIO (works with peeked bytes)."""
+
+    def __init__(self, inner: Stream, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self.inner = inner
+        self.ssl = sslobj
+        self._in = incoming
+        self._out = outgoing
+        self._closed_tls = False
+        self._pending: deque[bytes] = deque()
+
+    @classmethod
+    async def handshake(cls, inner: Stream, ctx: ssl.SSLContext, server_side: bool,
+                        server_hostname: str | None = None,
+                        timeout: float | None = None) -> TLSStream:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side,
+                           server_hostname=server_hostname)
+        self = cls(inner, obj, incoming, outgoing)
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                data = await inner.read(timeout)
+                if not data:
+                    incoming.write_eof()
+                else:
+                    incoming.write(data)
+            except ssl.SSLError:
+                await self._flush_quietly()  # let the peer see our alert
+                raise
+        await self._flush()
+        return self
+
+    async def _flush(self) -> None:
+        out = self._out.read()
+        if out:
+            self.inner.write(out)
+            await self.inner.drain()
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except (OSError, ConnectionError):
+            pass
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        if self._pending:
+            return self._pending.popleft()
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                data = self.ssl.read(TLS_READ_MAX)
+            except ssl.SSLWantReadError:
+                if parts:
+                    break
+                out = self._out.read()  # e.g. TLS 1.3 key update answers
+                if out:
+                    self.inner.write(out)
+                chunk = await self.inner.read(timeout)
+                if chunk:
+                    self._in.write(chunk)
+                else:
+                    self._in.write_eof()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+            if size >= TLS_READ_MAX:
+                break
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self._pending.appendleft(data)
+
+    def write(self, data: bytes) -> None:
+        if self._closed_tls:
+            raise ConnectionResetError("TLS session closed")
+        self.ssl.write(data)
+        self.inner.write(self._out.read())
+
+    async def drain(self) -> None:
+        await self.inner.drain()
+
+    def write_eof(self) -> None:
+        # TLS has no half-close of its own: send close_notify, then FIN.
+        if self._closed_tls:
+            return
+        self._closed_tls = True
+        try:
+            self.ssl.unwrap()
+        except ssl.SSLError:
+            pass
+        out = self._out.read()
+        try:
+            if out:
+                self.inner.write(out)
+            self.inner.write_eof()
+        except ConnectionError:
+            pass
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def info(self) -> dict:
+        cipher = self.ssl.cipher()
+        return {
+            "alpn": self.ssl.selected_alpn_protocol(),
+            "version": self.ssl.version(),
+            "cipher": cipher[0] if cipher else None,
+        }

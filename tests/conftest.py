@@ -1,0 +1,413 @@
+"""Test harness: a real dumpproxy process, real origin servers, a test PKI. Loopback only."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import queue
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- dumpproxy under test --------------------------------------------------------------
+
+
+class DumpProxy:
+    """A running `python -m dumpproxy` whose stdout events are collected by a thread."""
+
+    def __init__(self, args: list[str], home: Path, env: dict | None = None,
+                 stdin: bytes | None = None, wait_listening: bool = True):
+        self.home = home
+        full_env = dict(os.environ, DUMPPROXY_HOME=str(home), PYTHONUNBUFFERED="1")
+        for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
+                  "all_proxy", "NO_PROXY", "no_proxy"):
+            full_env.pop(k, None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dumpproxy", *args],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT,
+        )
+        if stdin is not None:
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
+        self.lines: list[str] = []
+        self.events: list[dict] = []
+        self._q: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.stderr = b""
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
+        self.port = 0
+        if wait_listening:
+            ev = self.wait_for(lambda e: e["event"] == "listening", timeout=15)
+            self.address = ev["address"]
+            self.port = int(ev["address"].rsplit(":", 1)[1])
+            self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode()
+            with self._cond:
+                self.lines.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _read_err(self) -> None:
+        for raw in self.proc.stderr:
+            self.stderr += raw
+
+    def wait_for(self, pred: Callable[[dict], bool], timeout: float = 10.0,
+                 count: int = 1) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hits = [e for e in self.events if pred(e)]
+                if len(hits) >= count:
+                    return hits[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"event not seen within {timeout}s; events so far:\n"
+                        + "".join(self.lines[-40:]) + "\nstderr: " + self._stderr_now()
+                    )
+                self._cond.wait(min(left, 0.1))
+
+    def _stderr_now(self) -> str:
+        return "(running)" if self.proc.poll() is None else self.stderr.decode(errors="replace")
+
+    def of(self, kind: str, **match) -> list[dict]:
+        with self._cond:
+            return [e for e in self.events if e["event"] == kind
+                    and all(e.get(k) == v for k, v in match.items())]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("dumpproxy did not exit after the signal") from None
+        self._reader.join(5)
+        self._err_reader.join(5)
+        return self.proc.returncode
+
+    @property
+    def proxies(self) -> dict:
+        return {"http://": self.url, "https://": self.url}
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    d = tmp_path / "home"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def dumpproxy(home: Path) -> Iterator[Callable[..., DumpProxy]]:
+    """Factory: dumpproxy(*args) starts a proxy on a free port; all are stopped after."""
+    started: list[DumpProxy] = []
+
+    def start(*args: str, env: dict | None = None, stdin: bytes | None = None) -> DumpProxy:
+        p = DumpProxy(["-p", "0", "-q", *args], home, env=env, stdin=stdin)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.stop()
+
+
+def run_cli(*args: str, home: Path | None = None, stdin: bytes | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if home is not None:
+        env["DUMPPROXY_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "dumpproxy", *args], input=stdin, capture_output=True,
+        env=env, cwd=ROOT, timeout=timeout,
+    )
+
+
+# --- test PKI ---------------------------------------------------------------------------
+
+
+class TestPKI:
+    """A CA for the test origins (what `--upstream-ca` points at) and its leaves."""
+
+    __test__ = False
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dumpproxy test origin CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
+                           critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.ca_path = directory / "origin-ca.pem"
+        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(self, names: list[str]) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = []
+        for n in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                sans.append(x509.DNSName(n))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .sign(self.key, hashes.SHA256())
+        )
+        tag = names[0].replace("*", "star").replace(":", "_")
+        cert_path = self.dir / f"leaf-{tag}.pem"
+        key_path = self.dir / f"leaf-{tag}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert_path, key_path
+
+    def server_context(self, names: list[str], alpn: list[str] | None = None) -> ssl.SSLContext:
+        cert, key = self.leaf(names)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> TestPKI:
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+# --- origin servers -----------------------------------------------------------------------
+
+CHUNK = 64 * 1024
+
+
+class OriginHandler(BaseHTTPRequestHandler):
+    """Endpoints the tests use. HTTP/1.1 with keep-alive."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "origin/1"
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/plain",
+              extra: list[tuple[str, str]] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra or []:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(body)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def do_GET(self) -> None:  # noqa: C901 - a small router
+        path, _, query = self.path.partition("?")
+        self.server.requests.append((self.command, self.path, dict(self.headers)))  # type: ignore
+        if path == "/small":
+            self._send(200, b"hello\n")
+        elif path == "/echo":
+            body = self._read_body()
+            info = {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                    "body_len": len(body), "body": body.decode("latin-1")}
+            self._send(200, json.dumps(info).encode(), "application/json")
+        elif path.startswith("/bytes/"):
+            n = int(path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            block = b"\0" * CHUNK
+            left = n
+            while left > 0:
+                k = min(left, CHUNK)
+                self.wfile.write(block[:k])
+                left -= k
+        elif path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "X-Checksum")
+            self.end_headers()
+            for part in (b"one,", b"two,", b"three"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\nX-Checksum: abc\r\n\r\n")
+        elif path == "/slow":
+            # a head, then one byte per 0.2 s for `n` bytes
+            n = int(query.partition("=")[2] or 50)
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            try:
+                for _ in range(n):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+        elif path.startswith("/status/"):
+            code = int(path.split("/")[2])
+            self._send(code, b"" if code in (204, 304) else b"status\n")
+        elif path == "/cookies":
+            self.send_response(200)
+            self.send_header("Set-Cookie", "a=1")
+            self.send_header("Set-Cookie", "b=2")
+            self.send_header("X-Multi", "x")
+            self.send_header("X-Multi", "y")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/ws":
+            if self.headers.get("Upgrade", "").lower() != "websocket":
+                self._send(400, b"need upgrade\n")
+                return
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            # echo raw bytes until EOF
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data)
+            self.close_connection = True
+        else:
+            self._send(404, b"not found\n")
+
+    do_POST = do_PUT = do_HEAD = do_DELETE = do_GET
+
+
+class Origin:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
+        server_cls = ThreadingHTTPServer
+        if ":" in host:
+            class V6(ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+            server_cls = V6
+        self.server = server_cls((host, 0), OriginHandler)
+        self.server.daemon_threads = True
+        self.server.requests = []  # type: ignore[attr-defined]
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.scheme = "https" if ssl_context else "http"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def requests(self) -> list:
+        return self.server.requests  # type: ignore[attr-defined]
+
+    def url(self, path: str = "/small", host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    o = Origin()
+    yield o
+    o.close()
+
+
+@pytest.fixture
+def origin2() -> Iterator[Origin]:
+    o = Origin()
+    yield o
+    o.close()
+
+
+@pytest.fixture
+def tls_origin(pki: TestPKI) -> Iterator[Origin]:
+    o = Origin(pki.server_context(["localhost", "127.0.0.1", "example.com", "decoy.test"]))
+    yield o
+    o.close()
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kb(pid: int) -> int:
+    """Peak resident set (VmHWM) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
