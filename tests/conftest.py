@@ -34,15 +34,22 @@ class DumpProxy:
     """A running `python -m dumpproxy` whose stdout events are collected by a thread."""
 
     def __init__(self, args: list[str], home: Path, env: dict | None = None,
-                 stdin: bytes | None = None, wait_listening: bool = True):
+                 stdin: bytes | None = None, wait_listening: bool = True,
+                 hosts: dict[str, str] | None = None):
+        """hosts: names resolved (for dumpproxy only) to loopback addresses, through a
+        private mount namespace with its own /etc/hosts and a resolv.conf pointing at
+        127.0.0.1 (so any other name fails at once and no DNS query leaves the machine)."""
         self.home = home
         full_env = dict(os.environ, DUMPPROXY_HOME=str(home), PYTHONUNBUFFERED="1")
         for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
                   "all_proxy", "NO_PROXY", "no_proxy"):
             full_env.pop(k, None)
         full_env.update(env or {})
+        cmd = [sys.executable, "-m", "dumpproxy", *args]
+        if hosts is not None:
+            cmd = isolated_resolver(cmd, hosts, home)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dumpproxy", *args],
+            cmd,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT,
         )
@@ -124,6 +131,18 @@ class DumpProxy:
         return {"http://": self.url, "https://": self.url}
 
 
+def isolated_resolver(cmd: list[str], hosts: dict[str, str], workdir: Path) -> list[str]:
+    """Wrap cmd in `unshare -m` with its own /etc/hosts and resolv.conf (needs root)."""
+    hosts_file = workdir / "hosts"
+    hosts_file.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n" + "".join(
+        f"{ip} {name}\n" for name, ip in hosts.items()))
+    resolv = workdir / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    script = (f"mount --bind {hosts_file} /etc/hosts && "
+              f"mount --bind {resolv} /etc/resolv.conf && exec \"$@\"")
+    return ["unshare", "-m", "sh", "-c", script, "sh", *cmd]
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     d = tmp_path / "home"
@@ -136,8 +155,9 @@ def dumpproxy(home: Path) -> Iterator[Callable[..., DumpProxy]]:
     """Factory: dumpproxy(*args) starts a proxy on a free port; all are stopped after."""
     started: list[DumpProxy] = []
 
-    def start(*args: str, env: dict | None = None, stdin: bytes | None = None) -> DumpProxy:
-        p = DumpProxy(["-p", "0", "-q", *args], home, env=env, stdin=stdin)
+    def start(*args: str, env: dict | None = None, stdin: bytes | None = None,
+              hosts: dict[str, str] | None = None) -> DumpProxy:
+        p = DumpProxy(["-p", "0", "-q", *args], home, env=env, stdin=stdin, hosts=hosts)
         started.append(p)
         return p
 
