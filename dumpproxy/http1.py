@@ -9,7 +9,6 @@ both directions; nothing is held whole.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 import h11
 
 from dumpproxy import headers as hdr
+from dumpproxy.flows import DEFAULT_PORTS, Flow
 from dumpproxy.hostfilter import candidates, join_host_port
 from dumpproxy.relay import Relay
 from dumpproxy.streams import Stream, StreamTimeout
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from dumpproxy.proxy import ClientConn
 
 MAX_HEAD = 64 * 1024
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ClientGone(Exception):
@@ -66,43 +65,6 @@ def error_response(status: int, message: str) -> list:
         ],
     )
     return [head, h11.Data(data=body), h11.EndOfMessage()]
-
-
-def build_url(scheme: str, host: str, port: int, path: str) -> str:
-    authority = join_host_port(host, port) if DEFAULT_PORTS.get(scheme) != port else (
-        f"[{host}]" if ":" in host else host
-    )
-    return f"{scheme}://{authority}{path}"
-
-
-class BodyCapture:
-    """The first N bytes of a body, for `--bodies`."""
-
-    __slots__ = ("limit", "data", "truncated")
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.data = bytearray()
-        self.truncated = False
-
-    def add(self, chunk: bytes) -> None:
-        room = self.limit - len(self.data)
-        if room >= len(chunk):
-            self.data += chunk
-        else:
-            if room > 0:
-                self.data += chunk[:room]
-            self.truncated = True
-
-    def fields(self, prefix: str) -> dict:
-        raw = bytes(self.data)
-        try:
-            out: dict = {prefix: raw.decode()}
-        except UnicodeDecodeError:
-            out = {prefix: base64.b64encode(raw).decode(), f"{prefix}_encoding": "base64"}
-        if self.truncated:
-            out[f"{prefix}_truncated"] = True
-        return out
 
 
 @dataclass
@@ -185,16 +147,11 @@ class Exchange:
         self.client = client
         self.req = req
         self.target = target
-        self.flow = 0
         self.record = True
-        self.request_bytes = 0
-        self.response_bytes = 0
+        self.fl: Flow | None = None  # set when the exchange is recorded
         self.started = time.monotonic()
         self.status: int | None = None
         self.sent_head = False
-        cfg = self.proxy.cfg
-        self.req_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
-        self.resp_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
 
     # -- request line and destination --
     def _destination(self) -> tuple[str, str, int, str]:
@@ -243,18 +200,17 @@ class Exchange:
             self._fail(e.status, str(e))
             return False
         self.scheme, self.host, self.port, self.path = scheme, host, port, path
-        self.url = build_url(scheme, host, port, path)
         try:
             up = await self._upstream()
         except UpstreamError as e:
             self.cc.error(e.stage, e.message, address=join_host_port(host, port),
-                          flow=self.flow or None)
+                          flow=self.flow_id)
             self._fail(e.status, e.message)
             return False
         try:
             return await self._forward(up, items)
         except asyncio.CancelledError:
-            self.cc.error("shutdown", "proxy shutting down mid-exchange", flow=self.flow or None,
+            self.cc.error("shutdown", "proxy shutting down mid-exchange", flow=self.flow_id,
                           address=up.address)
             up.close()
             raise
@@ -273,27 +229,17 @@ class Exchange:
         return up
 
     def _begin(self) -> None:
-        """Number the flow and write the `request` event (intercepted exchanges only)."""
+        """Count the request; number it and write `request` if it is recorded."""
         self.proxy.stats_requests += 1
-        if not self.record:
-            return
-        self.flow = self.proxy.next_flow()
-        req = self.req
-        self.proxy.emit(
-            "request",
-            {
-                "flow": self.flow,
-                "method": req.method.decode("latin-1"),
-                "url": self.url,
-                "scheme": self.scheme,
-                "host": self.host,
-                "port": self.port,
-                "path": self.path,
-                "http_version": "HTTP/" + req.http_version.decode(),
-                "headers": hdr.header_object(req.headers.raw_items(), self.proxy.cfg.redact),
-            },
-            self.cc,
-        )
+        if self.record:
+            req = self.req
+            self.fl = Flow(self.cc, req.method.decode("latin-1"), self.scheme, self.host,
+                           self.port, self.path, "HTTP/" + req.http_version.decode(),
+                           req.headers.raw_items(), self.started)
+
+    @property
+    def flow_id(self) -> int | None:
+        return self.fl.flow if self.fl is not None else None
 
     # -- forwarding; failures are attributed to the side they came from --
     def _to_client(self, event) -> None:
@@ -359,7 +305,7 @@ class Exchange:
         """Something failed mid-exchange: answer if we still can, record, close."""
         up.close()
         if isinstance(e, ClientGone):
-            self.cc.error("client", f"client connection lost: {e}", flow=self.flow or None,
+            self.cc.error("client", f"client connection lost: {e}", flow=self.flow_id,
                           address=up.address)
             return False
         if isinstance(e, StreamTimeout):
@@ -376,7 +322,7 @@ class Exchange:
             status, msg = 502, f"{up.address} closed the connection: {e}"
         else:
             status, msg = 502, f"error talking to {up.address}: {e!r}"
-        self.cc.error("upstream", msg, flow=self.flow or None, address=up.address)
+        self.cc.error("upstream", msg, flow=self.flow_id, address=up.address)
         if not self.sent_head:
             self._fail(status, msg)
         else:
@@ -394,9 +340,8 @@ class Exchange:
                     raise ClientGone(f"request body interrupted: {e!r}") from None
                 self.h.receive_data(data)
             elif type(ev) is h11.Data:
-                self.request_bytes += len(ev.data)
-                if self.req_body is not None:
-                    self.req_body.add(ev.data)
+                if self.fl is not None:
+                    self.fl.request_data(ev.data)
                 self._to_up(up, ev)
                 try:
                     await up.stream.drain()
@@ -448,9 +393,8 @@ class Exchange:
         while True:
             ev = await self._read_up(up, cfg.idle_timeout)
             if type(ev) is h11.Data:
-                self.response_bytes += len(ev.data)
-                if self.resp_body is not None:
-                    self.resp_body.add(ev.data)
+                if self.fl is not None:
+                    self.fl.response_data(ev.data)
                 self._to_client(ev)
                 try:
                     await client.drain()
@@ -463,7 +407,7 @@ class Exchange:
             self._to_client(h11.EndOfMessage(headers=trailers))
         except h11.LocalProtocolError:  # trailers need chunked framing towards the client
             self._to_client(h11.EndOfMessage())
-        self._respond_event(resp.http_version, resp.reason, rh)
+        self._respond_event(resp.reason, rh)
         if uh.our_state is h11.DONE and uh.their_state is h11.DONE:
             uh.start_next_cycle()
         else:
@@ -477,37 +421,21 @@ class Exchange:
             status_code=101, headers=hdr.forwardable(rh, keep_upgrade=True), reason=ev.reason))
         self.status = 101
         self.sent_head = True
-        self._respond_event(ev.http_version, ev.reason, rh)
+        self._respond_event(ev.reason, rh)
         self.client.unread(self.h.trailing_data[0])
         up.stream.unread(up.h.trailing_data[0])  # type: ignore[union-attr]
         relay = Relay(self.client, up.stream, self.proxy.cfg.idle_timeout)
         try:
             await relay.run()
         except Exception as e:  # reset or idle: the upgraded connection is over
-            self.cc.error("upstream", f"upgraded connection ended: {e}", flow=self.flow,
+            self.cc.error("upstream", f"upgraded connection ended: {e}", flow=self.flow_id,
                           address=up.address)
         finally:
             up.close()
 
-    def _respond_event(self, http_version: bytes, reason: bytes, rh: list) -> None:
-        if not self.record:
-            return
-        fields = {
-            "flow": self.flow,
-            "method": self.req.method.decode("latin-1"),
-            "url": self.url,
-            "http_version": "HTTP/" + self.req.http_version.decode(),
-            "status": self.status,
-            "reason": reason.decode("latin-1"),
-            "headers": hdr.header_object(rh, self.proxy.cfg.redact),
-            "request_bytes": self.request_bytes,
-            "response_bytes": self.response_bytes,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
-        }
-        if self.req_body is not None and self.resp_body is not None:
-            fields.update(self.req_body.fields("request_body"))
-            fields.update(self.resp_body.fields("response_body"))
-        self.proxy.emit("response", fields, self.cc)
+    def _respond_event(self, reason: bytes, rh: list) -> None:
+        if self.fl is not None:
+            self.fl.respond(self.status, reason.decode("latin-1"), rh)  # type: ignore[arg-type]
 
     # -- local answers --
     def _fail(self, status: int, message: str) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from dumpproxy.clienthello import Peek, classify
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import Target, error_response, next_event, send, serve_http1
+from dumpproxy.http2 import H2Bridge
 from dumpproxy.relay import Relay
 from dumpproxy.streams import SocketStream, StreamTimeout, TLSStream
 from dumpproxy.upstream import Upstream, UpstreamError
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from dumpproxy.proxy import ClientConn
 
 HTTP1_ALPN = "http/1.1"
-SUPPORTED_ALPN = (HTTP1_ALPN,)
+H2_ALPN = "h2"
+SUPPORTED_ALPN = (H2_ALPN, HTTP1_ALPN)
 
 
 def client_tls_message(e: BaseException, ca_path: str) -> str:
@@ -139,7 +141,15 @@ class Tunnel:
         if upstream_error is not None:
             await answer_with_error(self.cc, ctls, upstream_error)
             return
-        target = Target("https", server_name, self.port, server_name, up_alpn, self.up)
+        if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
+            try:
+                await H2Bridge(self.cc, ctls, self.up, "https").run()
+            finally:
+                self.up.close()
+            return
+        # Reconnects for HTTP/1 clients must not end up speaking h2 upstream.
+        alpn = (HTTP1_ALPN,) if HTTP1_ALPN in offered else ()
+        target = Target("https", server_name, self.port, server_name, alpn, self.up)
         try:
             await serve_http1(self.cc, ctls, target)
         finally:

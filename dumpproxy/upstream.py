@@ -8,6 +8,7 @@ step (`Connector`); everything above it is shared.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -53,7 +54,7 @@ async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
             "server_connect", f"DNS lookup for {host} failed: {e.strerror}"
         ) from None
     except OSError as e:
-        reason = e.strerror or str(e)
+        reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
         raise UpstreamError(
             "server_connect", f"cannot connect to {join_host_port(host, port)}: {reason}"
         ) from None

@@ -1,0 +1,120 @@
+"""What both HTTP bridges record about an exchange: URL, bodies, request/response events."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import TYPE_CHECKING
+
+from dumpproxy import headers as hdr
+from dumpproxy.hostfilter import join_host_port
+
+if TYPE_CHECKING:
+    from dumpproxy.proxy import ClientConn
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def build_url(scheme: str, host: str, port: int, path: str) -> str:
+    if DEFAULT_PORTS.get(scheme) == port:
+        authority = f"[{host}]" if ":" in host else host
+    else:
+        authority = join_host_port(host, port)
+    return f"{scheme}://{authority}{path}"
+
+
+class BodyCapture:
+    """The first N bytes of a body, for `--bodies`."""
+
+    __slots__ = ("limit", "data", "truncated")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if room >= len(chunk):
+            self.data += chunk
+        else:
+            if room > 0:
+                self.data += chunk[:room]
+            self.truncated = True
+
+    def fields(self, prefix: str) -> dict:
+        raw = bytes(self.data)
+        try:
+            out: dict = {prefix: raw.decode()}
+        except UnicodeDecodeError:
+            out = {prefix: base64.b64encode(raw).decode(), f"{prefix}_encoding": "base64"}
+        if self.truncated:
+            out[f"{prefix}_truncated"] = True
+        return out
+
+
+class Flow:
+    """One recorded exchange: numbered, with its `request` and `response` events."""
+
+    __slots__ = ("cc", "flow", "method", "url", "http_version", "started", "request_bytes",
+                 "response_bytes", "req_body", "resp_body")
+
+    def __init__(self, cc: ClientConn, method: str, scheme: str, host: str, port: int,
+                 path: str, http_version: str, header_items, started: float | None = None):
+        proxy = cc.proxy
+        self.cc = cc
+        self.flow = proxy.next_flow()
+        self.method = method
+        self.url = build_url(scheme, host, port, path)
+        self.http_version = http_version
+        self.started = time.monotonic() if started is None else started
+        self.request_bytes = 0
+        self.response_bytes = 0
+        cfg = proxy.cfg
+        self.req_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
+        self.resp_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
+        proxy.emit(
+            "request",
+            {
+                "flow": self.flow,
+                "method": method,
+                "url": self.url,
+                "scheme": scheme,
+                "host": host,
+                "port": port,
+                "path": path,
+                "http_version": http_version,
+                "headers": hdr.header_object(header_items, cfg.redact),
+            },
+            cc,
+        )
+
+    def request_data(self, data: bytes) -> None:
+        self.request_bytes += len(data)
+        if self.req_body is not None:
+            self.req_body.add(data)
+
+    def response_data(self, data: bytes) -> None:
+        self.response_bytes += len(data)
+        if self.resp_body is not None:
+            self.resp_body.add(data)
+
+    def respond(self, status: int, reason: str, header_items) -> None:
+        """The `response` event: written once the last body byte was forwarded."""
+        proxy = self.cc.proxy
+        fields = {
+            "flow": self.flow,
+            "method": self.method,
+            "url": self.url,
+            "http_version": self.http_version,
+            "status": status,
+            "reason": reason,
+            "headers": hdr.header_object(header_items, proxy.cfg.redact),
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+        }
+        if self.req_body is not None and self.resp_body is not None:
+            fields.update(self.req_body.fields("request_body"))
+            fields.update(self.resp_body.fields("response_body"))
+        proxy.emit("response", fields, self.cc)

@@ -1,0 +1,402 @@
+"""The HTTP/2 bridge: an h2 connection with the client, one with the origin, streams paired.
+
+Each client stream is forwarded on its own upstream stream and recorded as its own flow.
+Flow control is end to end: data received on one side is acknowledged (its window
+reopened) only when it has been sent on the other side, so a slow reader throttles the
+writer and each connection buffers at most its receive window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from dumpproxy import headers as hdr
+from dumpproxy.flows import Flow
+from dumpproxy.streams import Stream, StreamTimeout
+
+if TYPE_CHECKING:
+    from dumpproxy.proxy import ClientConn
+    from dumpproxy.upstream import Upstream
+
+STREAM_WINDOW = 1024 * 1024  # per-stream receive window we grant
+CONNECTION_WINDOW = 4 * 1024 * 1024  # and per connection: the most we ever buffer
+MAX_STREAMS = 128
+# Connection-specific fields may not appear in HTTP/2 (RFC 9113 8.2.2).
+H2_FORBIDDEN = hdr.HOP_BY_HOP | {b"transfer-encoding", b"host"}
+
+
+class Pending:
+    """Bytes waiting for window on the sending side, with what to acknowledge upstream."""
+
+    __slots__ = ("chunks", "ended", "trailers")
+
+    def __init__(self) -> None:
+        self.chunks: deque[list] = deque()  # [data, unacknowledged flow-controlled length]
+        self.ended = False
+        self.trailers: list | None = None
+
+
+class Side:
+    def __init__(self, name: str, stream: Stream, client_side: bool):
+        self.name = name
+        self.stream = stream
+        cfg = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                        validate_inbound_headers=True)
+        self.conn = h2.connection.H2Connection(config=cfg)
+        self.pending: dict[int, Pending] = {}
+        self.peer: Side
+        self.closed = False
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.closed:
+            self.stream.write(data)
+
+
+class H2Stream:
+    """A paired stream: client id and upstream id, and its flow."""
+
+    __slots__ = ("client_id", "up_id", "flow", "status", "resp_headers", "done_up", "done_down")
+
+    def __init__(self, client_id: int, up_id: int, flow: Flow | None):
+        self.client_id = client_id
+        self.up_id = up_id
+        self.flow = flow
+        self.status = 0
+        self.resp_headers: list = []
+        self.done_up = False
+        self.done_down = False
+
+
+def _regular(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in headers if not n.startswith(b":")]
+
+
+def _pseudo(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    return {n: v for n, v in headers if n.startswith(b":")}
+
+
+def _forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for n, v in headers:
+        if n in H2_FORBIDDEN:
+            continue
+        if n == b"te" and v.strip().lower() != b"trailers":
+            continue
+        out.append((n, v))
+    return out
+
+
+class H2Bridge:
+    def __init__(self, cc: ClientConn, client: Stream, up: Upstream, scheme: str):
+        self.cc = cc
+        self.proxy = cc.proxy
+        self.up = up
+        self.scheme = scheme
+        self.client = Side("client", client, client_side=False)
+        self.server = Side("server", up.stream, client_side=True)
+        self.client.peer, self.server.peer = self.server, self.client
+        self.by_client: dict[int, H2Stream] = {}
+        self.by_up: dict[int, H2Stream] = {}
+
+    # -- setup and loops --
+    def _start(self, side: Side) -> None:
+        side.conn.local_settings = h2.settings.Settings(
+            client=side.conn.config.client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        side.conn.initiate_connection()
+        side.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        side.flush()
+
+    async def run(self) -> None:
+        self._start(self.server)
+        self._start(self.client)
+        loops = [asyncio.ensure_future(self._loop(self.client)),
+                 asyncio.ensure_future(self._loop(self.server))]
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            self._abandon_open_streams()
+
+    async def _loop(self, side: Side) -> None:
+        idle = self.proxy.cfg.idle_timeout
+        while True:
+            try:
+                data = await side.stream.read(idle)
+            except StreamTimeout:
+                self._goaway_both(f"no data from the {side.name} for {idle:g} s")
+                return
+            except ConnectionError as e:
+                self.cc.error("http2", f"{side.name} connection lost: {e}",
+                              address=self.up.address)
+                return
+            if not data:
+                if self.by_client:
+                    self.cc.error("http2", f"{side.name} closed the connection with "
+                                  f"{len(self.by_client)} stream(s) open", address=self.up.address)
+                side.peer.conn.close_connection()
+                side.peer.flush()
+                return
+            try:
+                events = side.conn.receive_data(data)
+            except h2.exceptions.ProtocolError as e:
+                self.cc.error("http2", f"protocol error from the {side.name}: {e}",
+                              address=self.up.address)
+                side.flush()  # h2 queued a GOAWAY for the offender
+                side.peer.conn.close_connection()
+                side.peer.flush()
+                return
+            for ev in events:
+                if self._handle(side, ev) is False:
+                    side.flush()
+                    side.peer.flush()
+                    return
+            side.flush()
+            side.peer.flush()
+            try:
+                await side.peer.stream.drain()
+                await side.stream.drain()
+            except ConnectionError as e:
+                self.cc.error("http2", f"connection lost while writing: {e}",
+                              address=self.up.address)
+                return
+
+    def _goaway_both(self, message: str) -> None:
+        self.cc.error("http2", message, address=self.up.address)
+        for s in (self.client, self.server):
+            s.conn.close_connection()
+            s.flush()
+
+    # -- events --
+    def _handle(self, side: Side, ev) -> bool | None:
+        t = type(ev)
+        if t is h2.events.DataReceived:
+            self._data(side, ev)
+        elif t is h2.events.RequestReceived:
+            self._request(ev)
+        elif t is h2.events.ResponseReceived:
+            self._response(ev)
+        elif t is h2.events.InformationalResponseReceived:
+            pair = self.by_up.get(ev.stream_id)
+            if pair is not None:
+                self._send_headers(self.client, pair.client_id, _forwardable(ev.headers))
+        elif t is h2.events.TrailersReceived:
+            self._trailers(side, ev)
+        elif t is h2.events.StreamEnded:
+            self._ended(side, ev.stream_id)
+        elif t is h2.events.WindowUpdated:
+            if ev.stream_id == 0:
+                for sid in list(side.pending):
+                    self._pump(side, sid)
+            else:
+                self._pump(side, ev.stream_id)
+        elif t is h2.events.RemoteSettingsChanged:
+            for sid in list(side.pending):
+                self._pump(side, sid)
+        elif t is h2.events.StreamReset:
+            self._reset(side, ev)
+        elif t is h2.events.ConnectionTerminated:
+            if ev.error_code != h2.errors.ErrorCodes.NO_ERROR or self.by_client:
+                self.cc.error("http2", f"{side.name} sent GOAWAY ({ev.error_code!s}, "
+                              f"last stream {ev.last_stream_id})", address=self.up.address)
+            side.peer.conn.close_connection()
+            return False
+        return None
+
+    def _request(self, ev: h2.events.RequestReceived) -> None:
+        headers = list(ev.headers)
+        pseudo = _pseudo(headers)
+        method = pseudo.get(b":method", b"").decode("latin-1")
+        authority = pseudo.get(b":authority", b"").decode("latin-1")
+        path = pseudo.get(b":path", b"/").decode("latin-1")
+        self.proxy.stats_requests += 1
+        flow = Flow(self.cc, method, self.scheme, self.up.host, self.up.port, path,
+                    "HTTP/2.0", _regular(headers))
+        del authority
+        out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
+            _regular(headers))
+        up_conn = self.server.conn
+        try:
+            up_id = up_conn.get_next_available_stream_id()
+            up_conn.send_headers(up_id, out, end_stream=ev.stream_ended is not None)
+        except (h2.exceptions.ProtocolError, h2.exceptions.NoAvailableStreamIDError) as e:
+            self.cc.error("http2", f"cannot open an upstream stream: {e}", flow=flow.flow,
+                          address=self.up.address)
+            self.client.conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        pair = H2Stream(ev.stream_id, up_id, flow)
+        pair.done_up = ev.stream_ended is not None
+        self.by_client[ev.stream_id] = pair
+        self.by_up[up_id] = pair
+
+    def _response(self, ev: h2.events.ResponseReceived) -> None:
+        pair = self.by_up.get(ev.stream_id)
+        if pair is None:
+            return
+        headers = list(ev.headers)
+        status = _pseudo(headers).get(b":status", b"0")
+        pair.status = int(status) if status.isdigit() else 0
+        pair.resp_headers = _regular(headers)
+        out = [(b":status", status)] + _forwardable(pair.resp_headers)
+        ended = ev.stream_ended is not None
+        self._send_headers(self.client, pair.client_id, out, end_stream=ended)
+        if ended:
+            pair.done_down = True
+            self._finish(pair)
+
+    def _send_headers(self, side: Side, sid: int, headers: list, end_stream: bool = False):
+        try:
+            side.conn.send_headers(sid, headers, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def _data(self, side: Side, ev: h2.events.DataReceived) -> None:
+        pair = (self.by_client if side is self.client else self.by_up).get(ev.stream_id)
+        if pair is None:
+            side.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            return
+        if pair.flow is not None:
+            if side is self.client:
+                pair.flow.request_data(ev.data)
+            else:
+                pair.flow.response_data(ev.data)
+        target = side.peer
+        tid = pair.up_id if side is self.client else pair.client_id
+        q = target.pending.get(tid)
+        if q is None:
+            q = target.pending[tid] = Pending()
+        q.chunks.append([ev.data, ev.flow_controlled_length])
+        self._pump(target, tid)
+
+    def _trailers(self, side: Side, ev: h2.events.TrailersReceived) -> None:
+        pair = (self.by_client if side is self.client else self.by_up).get(ev.stream_id)
+        if pair is None:
+            return
+        tid = pair.up_id if side is self.client else pair.client_id
+        q = side.peer.pending.setdefault(tid, Pending())
+        q.trailers = _forwardable(list(ev.headers))
+
+    def _ended(self, side: Side, sid: int) -> None:
+        pair = (self.by_client if side is self.client else self.by_up).get(sid)
+        if pair is None:
+            return
+        if side is self.client and pair.done_up and pair.up_id not in self.server.pending:
+            return  # ended with its headers: already sent with END_STREAM
+        if side is self.server and pair.done_down:
+            return
+        tid = pair.up_id if side is self.client else pair.client_id
+        q = side.peer.pending.setdefault(tid, Pending())
+        q.ended = True
+        self._pump(side.peer, tid)
+
+    def _pump(self, target: Side, tid: int) -> None:
+        """Send what the window allows; acknowledge it to the source; finish the stream."""
+        q = target.pending.get(tid)
+        if q is None:
+            return
+        source = target.peer
+        pair = (self.by_up if target is self.server else self.by_client).get(tid)
+        sid = None if pair is None else (pair.client_id if target is self.server else pair.up_id)
+        conn = target.conn
+        try:
+            while q.chunks:
+                window = conn.local_flow_control_window(tid)
+                if window <= 0:
+                    return
+                item = q.chunks[0]
+                data = item[0]
+                n = min(len(data), window, conn.max_outbound_frame_size)
+                if n < len(data):
+                    conn.send_data(tid, data[:n])
+                    item[0] = data[n:]
+                    ack = n
+                else:
+                    conn.send_data(tid, data)
+                    q.chunks.popleft()
+                    ack = item[1]  # includes padding
+                item[1] -= ack
+                if sid is not None and ack:
+                    try:
+                        source.conn.acknowledge_received_data(ack, sid)
+                    except h2.exceptions.StreamClosedError:
+                        pass
+            if q.ended:
+                if q.trailers is not None:
+                    conn.send_headers(tid, q.trailers, end_stream=True)
+                else:
+                    conn.end_stream(tid)
+                del target.pending[tid]
+                if pair is not None:
+                    if target is self.server:
+                        pair.done_up = True
+                    else:
+                        pair.done_down = True
+                        self._finish(pair)
+        except h2.exceptions.StreamClosedError:
+            target.pending.pop(tid, None)
+        except h2.exceptions.FlowControlError:
+            return
+
+    def _finish(self, pair: H2Stream) -> None:
+        """The response is complete towards the client: record it, forget the pair."""
+        if pair.flow is not None:
+            try:
+                reason = HTTPStatus(pair.status).phrase
+            except ValueError:
+                reason = ""
+            pair.flow.respond(pair.status, reason, pair.resp_headers)
+            pair.flow = None
+        self.by_client.pop(pair.client_id, None)
+        self.by_up.pop(pair.up_id, None)
+
+    def _reset(self, side: Side, ev: h2.events.StreamReset) -> None:
+        pair = (self.by_client if side is self.client else self.by_up).get(ev.stream_id)
+        if pair is None:
+            return
+        code = ev.error_code
+        other, oid = (self.server, pair.up_id) if side is self.client else (
+            self.client, pair.client_id)
+        try:
+            other.conn.reset_stream(oid, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        other.pending.pop(oid, None)
+        side.pending.pop(ev.stream_id, None)
+        flow = pair.flow
+        pair.flow = None
+        self.by_client.pop(pair.client_id, None)
+        self.by_up.pop(pair.up_id, None)
+        name = getattr(code, "name", str(code))
+        self.cc.error("http2", f"{side.name} reset the stream ({name})",
+                      flow=flow.flow if flow else None, address=self.up.address)
+
+    def _abandon_open_streams(self) -> None:
+        for pair in list(self.by_client.values()):
+            if pair.flow is not None:
+                self.cc.error("http2", "connection closed before the response ended",
+                              flow=pair.flow.flow, address=self.up.address)
+                pair.flow = None
+        self.by_client.clear()
+        self.by_up.clear()
