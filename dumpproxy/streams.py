@@ -9,12 +9,14 @@ which lets a tunnel peek at a ClientHello and still give those bytes to TLS or t
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # pause reading from a socket whose data nobody consumes
 TLS_READ_MAX = 256 * 1024
+WRITE_HIGH_WATER = 512 * 1024
 
 
 class StreamTimeout(Exception):
@@ -71,6 +73,14 @@ class SocketStream(asyncio.Protocol, Stream):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peername = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # small writes must leave at once (not every loop sets this)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        # Larger than asyncio's 64 KiB default: fewer pauses on bulk transfers, still bounded.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
