@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         fd = sys.stdout.fileno()
     from dumpproxy.runner import run
 
+    if os.environ.get("DUMPPROXY_LOOP") == "uvloop":
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         return asyncio.run(run(cfg, hf, ca, fd, command))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -272,8 +272,10 @@ class Exchange:
             up.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         upload: asyncio.Task | None = None
         try:
+            # _parsed: the fields came out of h11's parser (already validated); skip the
+            # per-field regexes, the largest cost of a small exchange.
             self._to_up(up, h11.Request(method=req.method, target=self.path.encode(),
-                                        headers=out))
+                                        headers=out, _parsed=True))
             first = self._client_event()
             if type(first) is h11.EndOfMessage:
                 self._to_up(up, h11.EndOfMessage())
@@ -387,7 +389,8 @@ class Exchange:
             raise BadResponse(f"{up.address} sent both Content-Length and Transfer-Encoding")
         self.status = resp.status_code
         self._to_client(h11.Response(status_code=resp.status_code,
-                                     headers=hdr.forwardable(rh), reason=resp.reason))
+                                     headers=hdr.forwardable(rh), reason=resp.reason,
+                                     _parsed=True))
         self.sent_head = True
         trailers: list = []
         while True:
@@ -403,10 +406,12 @@ class Exchange:
             elif type(ev) is h11.EndOfMessage:
                 trailers = list(ev.headers.raw_items())
                 break
-        try:
-            self._to_client(h11.EndOfMessage(headers=trailers))
-        except h11.LocalProtocolError:  # trailers need chunked framing towards the client
-            self._to_client(h11.EndOfMessage())
+        # Trailers need chunked framing towards the client (an HTTP/1.0 client gets a
+        # close-delimited body); a failed h11.send would leave the connection in ERROR.
+        if self.req.http_version == b"1.0" or not hdr.has_token(
+                rh, b"transfer-encoding", b"chunked"):
+            trailers = []
+        self._to_client(h11.EndOfMessage(headers=trailers))
         self._respond_event(resp.reason, rh)
         if uh.our_state is h11.DONE and uh.their_state is h11.DONE:
             uh.start_next_cycle()

@@ -159,6 +159,7 @@ class Proxy:
         self.stats_passthrough = 0
         self.stats_errors = 0
         self._up_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self.tls_sessions = SessionCache()
         self._auth: bytes | None = None
         if cfg.proxyauth:
             self._auth = base64.b64encode(cfg.proxyauth.encode())
@@ -291,6 +292,23 @@ class Proxy:
         )
         self.writer.flush()
         self.certs.close()
+
+
+class SessionCache:
+    """Upstream TLS sessions by (ALPN offer, server name, port), for resumption."""
+
+    MAX = 1024
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, ssl.SSLSession] = {}
+
+    def get(self, key: tuple) -> ssl.SSLSession | None:
+        return self._items.get(key)
+
+    def put(self, key: tuple, session: ssl.SSLSession) -> None:
+        if len(self._items) >= self.MAX and key not in self._items:
+            self._items.pop(next(iter(self._items)))
+        self._items[key] = session
 
 
 def make_upstream_context(cfg: Config) -> ssl.SSLContext:

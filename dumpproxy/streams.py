@@ -172,7 +172,10 @@ class SocketStream(asyncio.Protocol, Stream):
     def write_eof(self) -> None:
         t = self.transport
         if t is not None and not self._lost and not t.is_closing() and t.can_write_eof():
-            t.write_eof()
+            try:
+                t.write_eof()
+            except OSError:  # peer already reset (ENOTCONN): nothing left to half-close
+                pass
 
     def close(self) -> None:
         if self.transport is not None:
@@ -198,10 +201,11 @@ class TLSStream(Stream):
     @classmethod
     async def handshake(cls, inner: Stream, ctx: ssl.SSLContext, server_side: bool,
                         server_hostname: str | None = None,
-                        timeout: float | None = None) -> TLSStream:
+                        timeout: float | None = None,
+                        session: ssl.SSLSession | None = None) -> TLSStream:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side,
-                           server_hostname=server_hostname)
+                           server_hostname=server_hostname, session=session)
         self = cls(inner, obj, incoming, outgoing)
         while True:
             try:

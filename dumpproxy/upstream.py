@@ -110,11 +110,14 @@ class Upstream:
 
     async def start_tls(self, server_name: str, alpn: tuple[str, ...]) -> TLSStream:
         """Client-side TLS with the destination, verified per configuration."""
-        ctx = self.cc.proxy.upstream_context(alpn)
+        proxy = self.cc.proxy
+        ctx = proxy.upstream_context(alpn)
+        self._session_key = (alpn, server_name, self.port)
         try:
             tls = await TLSStream.handshake(
                 self.sock, ctx, server_side=False, server_hostname=server_name,
-                timeout=self.cc.proxy.cfg.connect_timeout,
+                timeout=proxy.cfg.connect_timeout,
+                session=proxy.tls_sessions.get(self._session_key),
             )
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
             raise UpstreamError("server_tls", describe_tls_error(e, server_name)) from None
@@ -134,6 +137,10 @@ class Upstream:
         if self.closed:
             return
         self.closed = True
+        if self.tls is not None:  # keep the ticket: the next handshake is a resumption
+            session = self.tls.ssl.session
+            if session is not None and session.has_ticket:
+                self.cc.proxy.tls_sessions.put(self._session_key, session)
         self.sock.close()
         self.cc.upstreams.discard(self)
         self.cc.proxy.emit(
