@@ -178,6 +178,19 @@ def check_targets(hf: HostFilter, targets: list[str]) -> int:
     return 0
 
 
+def event_loop_runner():
+    """uvloop when installed (markedly faster I/O), asyncio's own loop otherwise or when
+    DUMPPROXY_LOOP=asyncio."""
+    if os.environ.get("DUMPPROXY_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run
+    return asyncio.run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] | None = None
@@ -231,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = sys.stdout.fileno()
     from dumpproxy.runner import run
 
-    if os.environ.get("DUMPPROXY_LOOP") == "uvloop":
-        import uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
-        return asyncio.run(run(cfg, hf, ca, fd, command))
+        return event_loop_runner()(run(cfg, hf, ca, fd, command))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130

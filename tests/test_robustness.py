@@ -1,0 +1,85 @@
+"""Proxy authentication, bad peers affecting only themselves, and no descriptor leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from conftest import curl
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_proxyauth_required_and_never_forwarded(dumpproxy, origin):
+    p = dumpproxy("--proxyauth", "alice:s3cret")
+    r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}", origin.url("/echo"))
+    assert r.stdout == b"407"
+    err = p.wait_for(lambda e: e["event"] == "error" and e["stage"] == "auth")
+    assert "authentication" in err["message"]
+
+    r = curl("-x", p.url, "-U", "alice:wrong", "-o", "/dev/null", "-w", "%{http_code}",
+             origin.url("/echo"))
+    assert r.stdout == b"407"
+
+    r = curl("-x", p.url, "-U", "alice:s3cret", origin.url("/echo"))
+    seen = json.loads(r.stdout)
+    assert seen["path"] == "/echo"
+    assert not any(k.lower() == "proxy-authorization" for k in seen["headers"])
+    req = p.wait_for(lambda e: e["event"] == "request")
+    assert req["headers"]["proxy-authorization"] == "Basic <redacted>"
+
+
+def test_proxyauth_on_connect(dumpproxy, tls_origin, pki):
+    p = dumpproxy("--proxyauth", "bob:pw", "--upstream-ca", str(pki.ca_path))
+    ca = str(p.home / "ca-cert.pem")
+    r = curl("-x", p.url, "--cacert", ca, tls_origin.url("/small", "localhost"))
+    assert r.returncode != 0  # CONNECT refused with 407
+    assert b"407" in r.stderr
+    r = curl("-x", p.url, "-U", "bob:pw", "--cacert", ca, tls_origin.url("/small", "localhost"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello\n"
+
+
+def test_bad_peers_leave_no_descriptors_behind(dumpproxy, origin):
+    p = dumpproxy()
+    pid = p.proc.pid
+    # warm up: one good exchange, so lazily opened files (CA, leaf dir) exist
+    assert curl("-x", p.url, origin.url("/small")).stdout == b"hello\n"
+    time.sleep(0.2)
+    before = _fd_count(pid)
+    for shape in (
+        b"GARBAGE\r\n\r\n",
+        b"GET http://127.0.0.1:%d/small HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" % origin.port,
+        b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n\x16\x03\x01\x00\x05\x00\x00\x00\x00\x00"
+        % origin.port,
+        b"CONNECT nowhere HTTP/1.1\r\n\r\n",
+        b"GET http://127.0.0.1:%d/slow?n=30 HTTP/1.1\r\nHost: x\r\n\r\n" % origin.port,
+    ):
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", p.port))
+            s.sendall(shape)
+            s.settimeout(2)
+            try:
+                s.recv(100)
+            except OSError:
+                pass
+            s.close()  # mid-exchange for the slow one
+    # an abrupt reset (RST) mid-request
+    s = socket.create_connection(("127.0.0.1", p.port))
+    s.sendall(b"GET http://127.0.0.1:%d/small HTTP/1.1\r\n" % origin.port)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
+    # the proxy still serves, and every descriptor came back
+    assert curl("-x", p.url, origin.url("/small")).stdout == b"hello\n"
+    deadline = time.monotonic() + 10
+    while _fd_count(pid) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _fd_count(pid) <= before
+    p.stop()
+    assert p.events[-1]["event"] == "shutdown"
+    assert b"Traceback" not in p.stderr
