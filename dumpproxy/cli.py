@@ -158,17 +158,18 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
 
 
 def check_targets(hf: HostFilter, targets: list[str]) -> int:
-    from dumpproxy.hostfilter import split_host_port
+    from dumpproxy.hostfilter import candidates, split_host_port
 
     if targets == ["-"]:
         targets = [line.strip() for line in sys.stdin if line.strip()]
     out = bytearray()
     for target in targets:
         try:
-            split_host_port(target)
+            host, port = split_host_port(target)
         except ValueError as e:
             return _fail(f"--check: {e}")
-        d = hf.decide([target])
+        # Only this target (no resolved ip, no SNI); an IPv6 one in both forms, as in traffic.
+        d = hf.decide(candidates(host, port) if ":" in host else [target])
         out += orjson.dumps(
             {"event": "decision", "address": target, **d.fields(), "sni": None},
             option=orjson.OPT_APPEND_NEWLINE,

@@ -1,13 +1,17 @@
 """The host filter: ignore/allow pattern lists and the intercept-or-passthrough rule (pure).
 
 Candidates are `host:port` strings (SPEC §3). Patterns are matched with re.search and
-IGNORECASE. Large lists are matched through combined regexes over chunks of patterns (one
-C-level search per chunk instead of one per pattern), and results are cached per candidate.
+IGNORECASE. Large lists are matched through a trigram index: a pattern whose every match
+must contain some literal text is tried only on candidates containing a trigram of that
+text; the other patterns go through combined regexes over chunks of patterns (one C-level
+search per chunk instead of one per pattern). Results are cached per candidate.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import string
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -51,9 +55,16 @@ class Decision:
         }
 
 
+@functools.lru_cache(maxsize=65536)
+def _compile(text: str) -> re.Pattern:
+    # re's own cache holds 512: without this a SIGHUP reload of a large file would
+    # recompile every unchanged pattern while the event loop waits.
+    return re.compile(text, re.IGNORECASE)
+
+
 def compile_pattern(text: str, source: str) -> Pattern:
     try:
-        return Pattern(text, source, re.compile(text, re.IGNORECASE))
+        return Pattern(text, source, _compile(text))
     except re.error as e:
         raise PatternError(f"{source}: invalid pattern {text!r}: {e}") from None
 
@@ -72,21 +83,148 @@ def read_pattern_file(path: str, stdin_text: str | None = None) -> list[Pattern]
     if path == "-":
         if stdin_text is None:
             stdin_text = sys.stdin.read()
-        return parse_pattern_lines(stdin_text.splitlines(), "-")
+        return parse_pattern_lines(stdin_text.split("\n"), "-")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a leading BOM is not part of line 1
             text = f.read()
     except UnicodeDecodeError as e:
         raise PatternError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except OSError as e:
         raise PatternError(f"{path}: cannot read: {e.strerror or e}") from None
-    return parse_pattern_lines(text.splitlines(), path)
+    # Physical lines: open() already made \r\n and \r into \n; splitlines() would also
+    # split at form feeds, U+2028 and the like, and shift every later line number.
+    return parse_pattern_lines(text.split("\n"), path)
 
 
 def _combinable(p: Pattern) -> bool:
-    # Named groups would clash and backreferences would shift once patterns are joined;
-    # leading global flags are only legal at the very start. Such patterns stand alone.
-    return not p.regex.groupindex and not re.search(r"\\[1-9]|\(\?P=|^\(\?[aiLmsux]+\)", p.text)
+    # Named groups would clash and backreferences / group-number conditionals `(?(1)..)`
+    # would shift once patterns are joined; global flags are only legal at the very start
+    # (Python 3.10 still accepts them anywhere, with a warning, applying them to the whole
+    # combined regex). Such patterns stand alone.
+    return not p.regex.groupindex and not re.search(
+        r"\\[1-9]|\(\?P=|\(\?\(|\(\?[aiLmsux]+\)", p.text
+    )
+
+
+_PUNCT = frozenset(string.punctuation + " ")  # escaped, these stand for themselves
+_QUANTIFIER = re.compile(r"\{\d*(?:,\d*)?\}")
+
+
+def _skip_class(text: str, i: int) -> int | None:
+    """Index just after the character class starting at text[i] == '['."""
+    j = i + 1
+    if text.startswith("^", j):
+        j += 1
+    if text.startswith("]", j):
+        j += 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+        elif text[j] == "]":
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def _skip_group(text: str, i: int) -> int | None:
+    """Index just after the group starting at text[i] == '('."""
+    depth, j = 0, i
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "[":
+            k = _skip_class(text, j)
+            if k is None:
+                return None
+            j = k
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return None
+
+
+def _required_runs(text: str) -> list[str] | None:
+    """Lower-cased ASCII literal runs that every match of `text` contains (None: unknown).
+
+    Conservative: groups, classes, anchors, wildcards and anything not understood end a
+    run; a quantified character leaves it (or ends it, for `+`); a top-level `|` or an
+    escape with a numeric payload (\\x41, \\1, ...) gives up.
+    """
+    runs: list[str] = []
+    run: list[str] = []
+    literal = False  # was the last item a character appended to `run`?
+    i, n = 0, len(text)
+
+    def end() -> None:
+        if run:
+            runs.append("".join(run))
+            run.clear()
+
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            nxt = text[i + 1 : i + 2]
+            if nxt in _PUNCT:
+                run.append(nxt)
+                literal = True
+                i += 2
+                continue
+            if not nxt or nxt in "xuUN" or nxt.isdigit():
+                return None
+            end()  # \\d \\w \\b \\n ...: not a literal character
+            literal = False
+            i += 2
+        elif c == "|":
+            return None
+        elif c in "[(":
+            end()
+            literal = False
+            j = (_skip_class if c == "[" else _skip_group)(text, i)
+            if j is None:
+                return None
+            i = j
+        elif c in "?*{":
+            if c == "{" and not _QUANTIFIER.match(text, i):
+                end()  # a literal '{' to re; not worth the trouble
+                literal = False
+                i += 1
+                continue
+            if literal:
+                run.pop()  # the character may be absent
+            end()
+            literal = False
+            i = _QUANTIFIER.match(text, i).end() if c == "{" else i + 1
+        elif c == "+" or c in ".^$)]}" or not c.isascii():
+            end()  # after `x+` the next character need not follow x directly
+            literal = False
+            i += 1
+        else:
+            run.append(c.lower())
+            literal = True
+            i += 1
+    end()
+    return runs
+
+
+def _choose_trigrams(patterns: Sequence[Pattern]) -> list[str | None]:
+    """For each pattern, its rarest required trigram (None: the pattern has none)."""
+    grams_of: list[list[str]] = []
+    freq: dict[str, int] = {}
+    for p in patterns:
+        runs = None if p.regex.flags & re.VERBOSE else _required_runs(p.text)
+        grams = sorted({r[k : k + 3] for r in runs or () for k in range(len(r) - 2)})
+        grams_of.append(grams)
+        for g in grams:
+            freq[g] = freq.get(g, 0) + 1
+    return [min(gs, key=freq.__getitem__) if gs else None for gs in grams_of]
 
 
 class PatternList:
@@ -94,11 +232,22 @@ class PatternList:
 
     def __init__(self, patterns: Sequence[Pattern]):
         self.patterns = tuple(patterns)
-        self._groups: list[tuple[re.Pattern, tuple[Pattern, ...]]] = []
-        run: list[Pattern] = []
-        for p in self.patterns:
-            if _combinable(p):
-                run.append(p)
+        self._index: dict[str, list[int]] = {}  # trigram -> indices of patterns needing it
+        rest: list[int] = []  # patterns without a required trigram
+        grams = _choose_trigrams(self.patterns)
+        counts: dict[str | None, int] = {}
+        for gram in grams:
+            counts[gram] = counts.get(gram, 0) + 1
+        for i, gram in enumerate(grams):
+            if gram is None or counts[gram] > CHUNK:  # too common: combined regexes are faster
+                rest.append(i)
+            else:
+                self._index.setdefault(gram, []).append(i)
+        self._groups: list[tuple[re.Pattern, tuple[int, ...]]] = []
+        run: list[int] = []
+        for i in rest:
+            if _combinable(self.patterns[i]):
+                run.append(i)
                 if len(run) == CHUNK:
                     self._add_group(run)
                     run = []
@@ -106,16 +255,17 @@ class PatternList:
                 if run:
                     self._add_group(run)
                     run = []
-                self._groups.append((p.regex, (p,)))
+                self._groups.append((self.patterns[i].regex, (i,)))
         if run:
             self._add_group(run)
         self._cache: dict[str, Pattern | None] = {}
 
-    def _add_group(self, run: list[Pattern]) -> None:
+    def _add_group(self, run: list[int]) -> None:
         if len(run) == 1:
-            self._groups.append((run[0].regex, (run[0],)))
+            self._groups.append((self.patterns[run[0]].regex, (run[0],)))
             return
-        combined = re.compile("|".join(f"(?:{p.text})" for p in run), re.IGNORECASE)
+        combined = re.compile("|".join(f"(?:{self.patterns[i].text})" for i in run),
+                              re.IGNORECASE)
         self._groups.append((combined, tuple(run)))
 
     def __bool__(self) -> bool:
@@ -129,15 +279,32 @@ class PatternList:
             return self._cache[candidate]
         except KeyError:
             pass
-        found = None
+        pats = self.patterns
+        found: int | None = None  # index of the first match so far
         for combined, members in self._groups:
             if combined.search(candidate):
-                found = next(p for p in members if p.regex.search(candidate))
+                found = next(i for i in members if pats[i].regex.search(candidate))
                 break
+        if candidate.isascii():
+            low = candidate.lower()
+            index = self._index
+            hits: Iterable[int] = sorted({
+                i for g in {low[k : k + 3] for k in range(len(low) - 2)}
+                for i in index.get(g, ())
+            })
+        else:  # IGNORECASE pairs such as K/\u212a and s/\u017f defeat the ASCII index
+            hits = range(len(pats))
+        for i in hits:
+            if found is not None and i >= found:
+                break
+            if pats[i].regex.search(candidate):
+                found = i
+                break
+        result = None if found is None else pats[found]
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[candidate] = found
-        return found
+        self._cache[candidate] = result
+        return result
 
     def search(self, candidates: Iterable[str]) -> tuple[Pattern, str] | None:
         """The first candidate (in order) that any pattern matches, with that pattern."""
@@ -243,7 +410,7 @@ def split_host_port(target: str, default_port: int | None = None) -> tuple[str, 
             raise ValueError(f"{target!r} has no port (expected HOST:PORT)")
         port = default_port
     else:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise ValueError(f"bad port in {target!r}")
         port = int(port_text)
     if not host:

@@ -9,6 +9,7 @@ writer and each connection buffers at most its receive window.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from dumpproxy import headers as hdr
 from dumpproxy.flows import Flow
@@ -27,6 +29,11 @@ from dumpproxy.streams import Stream, StreamTimeout
 if TYPE_CHECKING:
     from dumpproxy.proxy import ClientConn
     from dumpproxy.upstream import Upstream
+
+# h2 formats repr(frame) for every frame it receives, even with logging off
+# (H2Connection._receive_frame); for DATA that serializes and hex-encodes the whole
+# payload. A summary keeps that cost independent of the payload size.
+hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"  # type: ignore
 
 STREAM_WINDOW = 1024 * 1024  # per-stream receive window we grant
 CONNECTION_WINDOW = 4 * 1024 * 1024  # and per connection: the most we ever buffer
@@ -56,11 +63,21 @@ class Side:
         self.pending: dict[int, Pending] = {}
         self.peer: Side
         self.closed = False
+        self.drain_lock = asyncio.Lock()
+
+    async def drain(self) -> None:
+        # Both loops drain both sides, and a SocketStream keeps a single drain waiter (a
+        # second one would orphan the first, leaving that loop stuck): one at a time.
+        async with self.drain_lock:
+            await self.stream.drain()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
         if data and not self.closed:
-            self.stream.write(data)
+            try:
+                self.stream.write(data)
+            except (ConnectionError, ssl.SSLError):
+                self.closed = True  # the peer is gone (e.g. TLS saw EOF); its loop ends
 
 
 class H2Stream:
@@ -89,12 +106,31 @@ def _pseudo(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 def _forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     out = []
     for n, v in headers:
-        if n in H2_FORBIDDEN:
+        if n == b"te":  # hop-by-hop, but `te: trailers` is allowed (and needed) in HTTP/2
+            if v.strip().lower() == b"trailers":
+                out.append((n, v))
             continue
-        if n == b"te" and v.strip().lower() != b"trailers":
+        if n in H2_FORBIDDEN:
             continue
         out.append((n, v))
     return out
+
+
+def _check_frame_header(conn: h2.connection.H2Connection) -> None:
+    """h2 checks a frame's length only once the whole frame is buffered, so garbage whose
+    first bytes read as a huge length would wait for megabytes that never come. Refuse such
+    a header at once (RFC 9113 4.2: FRAME_SIZE_ERROR)."""
+    buf = conn.incoming_buffer
+    data = getattr(buf, "_data", None)
+    if data is None:
+        data = getattr(buf, "data", b"")
+    if len(data) >= 3:
+        length = int.from_bytes(data[:3], "big")
+        if length > conn.max_inbound_frame_size:
+            conn.close_connection(error_code=h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+            raise h2.exceptions.FrameTooLargeError(
+                f"frame of {length} bytes, more than the maximum "
+                f"{conn.max_inbound_frame_size}")
 
 
 class H2Bridge:
@@ -149,18 +185,24 @@ class H2Bridge:
                 self._goaway_both(f"no data from the {side.name} for {idle:g} s")
                 return
             except ConnectionError as e:
-                self.cc.error("http2", f"{side.name} connection lost: {e}",
-                              address=self.up.address)
+                self._finish_forwarded(side)
+                if self.by_client:  # a reset with nothing in flight is just a close
+                    self.cc.error("http2", f"{side.name} connection lost: {e}",
+                                  address=self.up.address)
                 return
             if not data:
+                self._finish_forwarded(side)
                 if self.by_client:
                     self.cc.error("http2", f"{side.name} closed the connection with "
                                   f"{len(self.by_client)} stream(s) open", address=self.up.address)
                 side.peer.conn.close_connection()
                 side.peer.flush()
                 return
+            if side.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+                return  # the bridge already closed this side (GOAWAY sent): it is ending
             try:
                 events = side.conn.receive_data(data)
+                _check_frame_header(side.conn)
             except h2.exceptions.ProtocolError as e:
                 self.cc.error("http2", f"protocol error from the {side.name}: {e}",
                               address=self.up.address)
@@ -176,8 +218,8 @@ class H2Bridge:
             side.flush()
             side.peer.flush()
             try:
-                await side.peer.stream.drain()
-                await side.stream.drain()
+                await side.peer.drain()
+                await side.drain()
             except ConnectionError as e:
                 self.cc.error("http2", f"connection lost while writing: {e}",
                               address=self.up.address)
@@ -370,6 +412,27 @@ class H2Bridge:
             pair.flow = None
         self.by_client.pop(pair.client_id, None)
         self.by_up.pop(pair.up_id, None)
+
+    def _finish_forwarded(self, side: Side) -> None:
+        """The client went away: record the exchanges it received whole (curl, for one,
+        closes once content-length is met, before the origin's END_STREAM arrives)."""
+        if side is self.client:
+            for pair in list(self.by_client.values()):
+                if self._forwarded_whole(pair):
+                    self._finish(pair)
+
+    def _forwarded_whole(self, pair: H2Stream) -> bool:
+        """The whole response body (per content-length) reached the client; only the
+        upstream's END_STREAM is missing."""
+        if not pair.status or pair.flow is None:
+            return False
+        q = self.client.pending.get(pair.client_id)
+        if q is not None and q.chunks:
+            return False
+        if pair.flow.method == "HEAD" or pair.status in (204, 304):
+            return True
+        cl = hdr.header_value(pair.resp_headers, b"content-length")
+        return cl is not None and cl.strip().isdigit() and int(cl) == pair.flow.response_bytes
 
     def _reset(self, side: Side, ev: h2.events.StreamReset) -> None:
         pair = (self.by_client if side is self.client else self.by_up).get(ev.stream_id)

@@ -67,6 +67,14 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"))
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
+    # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
+    early: list[int] = []  # wrap mode: SIGINT/SIGTERM that arrive before CMD is running
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if command is None:
+            loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
+        else:
+            loop.add_signal_handler(sig, early.append, sig)
     try:
         await proxy.start()
     except OSError as e:
@@ -76,11 +84,8 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         return 1
     if cfg.verbosity >= 0 and command is None:
         print(f"dumpproxy: listening on http://{proxy.address}", file=sys.stderr)
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
 
     if command is None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
         await stop.wait()
         await proxy.stop(reason[0])
         return 0
@@ -99,6 +104,8 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             return 127 if isinstance(e, FileNotFoundError) else 126
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _forward_signal, child, sig)
+        for sig in early:
+            _forward_signal(child, sig)
         waiter = asyncio.ensure_future(child.wait())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

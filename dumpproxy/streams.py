@@ -15,7 +15,8 @@ from collections import deque
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # pause reading from a socket whose data nobody consumes
-TLS_READ_MAX = 256 * 1024
+TLS_READ_MAX = 256 * 1024  # gather decrypted records up to this much per read()
+TLS_RECORD = 16384  # one record's plaintext at most: a read of this size never over-allocates
 WRITE_HIGH_WATER = 512 * 1024
 
 
@@ -243,7 +244,7 @@ class TLSStream(Stream):
         size = 0
         while True:
             try:
-                data = self.ssl.read(TLS_READ_MAX)
+                data = self.ssl.read(TLS_RECORD)
             except ssl.SSLWantReadError:
                 if parts:
                     break

@@ -34,7 +34,8 @@ def format_text(ev: dict) -> str | None:
     if kind == "server_disconnect":
         return f"{who}server disconnect {_peer(ev)}\n"
     if kind == "decision":
-        why = ev["reason"] if ev["pattern"] is None else f"{ev['reason']} {ev['pattern']!r}"
+        # the pattern as written (not repr: that would double every backslash)
+        why = ev["reason"] if ev["pattern"] is None else f"{ev['reason']} '{ev['pattern']}'"
         return f"{who}{ev['action']} {ev['address']} ({why})\n"
     if kind == "tls":
         return None  # mitmdump prints successful handshakes only in verbose mode

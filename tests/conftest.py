@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -168,10 +169,18 @@ def dumpproxy(home: Path) -> Iterator[Callable[..., DumpProxy]]:
 
 
 def run_cli(*args: str, home: Path | None = None, stdin: bytes | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess:
+            timeout: float = 30, env: dict[str, str | None] | None = None
+            ) -> subprocess.CompletedProcess:
+    """env: extra variables for the child; a None value removes that variable."""
+    extra = env
     env = dict(os.environ)
     if home is not None:
         env["DUMPPROXY_HOME"] = str(home)
+    for k, v in (extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     return subprocess.run(
         [sys.executable, "-m", "dumpproxy", *args], input=stdin, capture_output=True,
         env=env, cwd=ROOT, timeout=timeout,
@@ -259,6 +268,7 @@ class OriginHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "origin/1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
@@ -288,6 +298,30 @@ class OriginHandler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
+    def _body_pieces(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The request body in pieces of at most `size` bytes (never held whole)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                left = int(self.rfile.readline().split(b";")[0], 16)
+                if left == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                while left > 0:
+                    piece = self.rfile.read(min(left, size))
+                    if not piece:
+                        return
+                    left -= len(piece)
+                    yield piece
+                self.rfile.readline()
+        left = int(self.headers.get("Content-Length") or 0)
+        while left > 0:
+            piece = self.rfile.read(min(left, size))
+            if not piece:
+                return
+            left -= len(piece)
+            yield piece
+
     def do_GET(self) -> None:  # noqa: C901 - a small router
         path, _, query = self.path.partition("?")
         self.server.requests.append((self.command, self.path, dict(self.headers)))  # type: ignore
@@ -298,6 +332,19 @@ class OriginHandler(BaseHTTPRequestHandler):
             info = {"method": self.command, "path": self.path, "headers": dict(self.headers),
                     "body_len": len(body), "body": body.decode("latin-1")}
             self._send(200, json.dumps(info).encode(), "application/json")
+        elif path == "/sink":
+            # streams the body in (after ?delay=SECONDS), reports its length and SHA-256
+            time.sleep(float(query.partition("delay=")[2] or 0))
+            n, digest = 0, hashlib.sha256()
+            for piece in self._body_pieces():
+                n += len(piece)
+                digest.update(piece)
+            self._send(200, json.dumps({"body_len": n, "sha256": digest.hexdigest()}).encode(),
+                       "application/json")
+        elif path.startswith("/binary/"):
+            # N bytes of 00 01 .. ff 00 01 ..: not UTF-8
+            n = int(path.split("/")[2])
+            self._send(200, (bytes(range(256)) * (n // 256 + 1))[:n], "application/octet-stream")
         elif path.startswith("/bytes/"):
             n = int(path.split("/")[2])
             self.send_response(200)
