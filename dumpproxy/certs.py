@@ -29,6 +29,7 @@ CA_CERT_FILE = "ca-cert.pem"
 CA_VALID_DAYS = 3650
 LEAF_VALID_DAYS = 365  # browsers refuse leaves valid for more than 398 days
 BACKDATE = datetime.timedelta(days=2)  # tolerate client clocks a little behind
+MAX_CONTEXTS = 4096  # cached server contexts (one per host and ALPN offer)
 
 
 class CAError(Exception):
@@ -182,19 +183,14 @@ class CertStore:
         self.ca = ca
         self.leaf_key = ec.generate_private_key(ec.SECP256R1())
         self._dir = tempfile.mkdtemp(prefix="dumpproxy-leaves-")
-        self._key_path = os.path.join(self._dir, "leaf-key.pem")
-        _write_atomic(
-            self._key_path,
-            self.leaf_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            0o600,
+        self._key_pem = self.leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         self._ski = x509.SubjectKeyIdentifier.from_public_key(self.leaf_key.public_key())
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key())
-        self._certs: dict[str, str] = {}
+        self._certs: dict[str, bytes] = {}
         self._contexts: dict[tuple[str, tuple[str, ...]], ssl.SSLContext] = {}
         self.minted = 0
 
@@ -234,15 +230,13 @@ class CertStore:
             .sign(self.ca.key, hashes.SHA256())
         )
 
-    def _cert_file(self, host: str) -> str:
-        path = self._certs.get(host)
-        if path is None:
-            cert = self.leaf_cert(host)
-            path = os.path.join(self._dir, f"leaf-{len(self._certs)}.pem")
-            _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
-            self._certs[host] = path
+    def _leaf_pem(self, host: str) -> bytes:
+        pem = self._certs.get(host)
+        if pem is None:
+            pem = self.leaf_cert(host).public_bytes(serialization.Encoding.PEM)
+            self._certs[host] = pem
             self.minted += 1
-        return path
+        return pem
 
     def server_context(self, host: str, alpn: tuple[str, ...]) -> ssl.SSLContext:
         """A server-side context presenting a leaf for host, offering these ALPN ids."""
@@ -250,9 +244,22 @@ class CertStore:
         ctx = self._contexts.get(key)
         if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(self._cert_file(key[0]), self._key_path)
+            # The ssl module loads certificates only from files: write key + leaf to a
+            # private file, load it, remove it at once.
+            path = os.path.join(self._dir, "leaf.pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, self._key_pem + self._leaf_pem(key[0]))
+            finally:
+                os.close(fd)
+            try:
+                ctx.load_cert_chain(path)
+            finally:
+                os.unlink(path)
             if alpn:
                 ctx.set_alpn_protocols(list(alpn))
+            if len(self._contexts) >= MAX_CONTEXTS:
+                self._contexts.pop(next(iter(self._contexts)))
             self._contexts[key] = ctx
         return ctx
 

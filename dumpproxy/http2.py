@@ -63,13 +63,6 @@ class Side:
         self.pending: dict[int, Pending] = {}
         self.peer: Side
         self.closed = False
-        self.drain_lock = asyncio.Lock()
-
-    async def drain(self) -> None:
-        # Both loops drain both sides, and a SocketStream keeps a single drain waiter (a
-        # second one would orphan the first, leaving that loop stuck): one at a time.
-        async with self.drain_lock:
-            await self.stream.drain()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -134,11 +127,12 @@ def _check_frame_header(conn: h2.connection.H2Connection) -> None:
 
 
 class H2Bridge:
-    def __init__(self, cc: ClientConn, client: Stream, up: Upstream, scheme: str):
+    def __init__(self, cc: ClientConn, client: Stream, up: Upstream, scheme: str, host: str):
         self.cc = cc
         self.proxy = cc.proxy
         self.up = up
         self.scheme = scheme
+        self.host = host  # as the HTTP/1 bridge names it: the SNI, else the CONNECT host
         self.client = Side("client", client, client_side=False)
         self.server = Side("server", up.stream, client_side=True)
         self.client.peer, self.server.peer = self.server, self.client
@@ -218,8 +212,8 @@ class H2Bridge:
             side.flush()
             side.peer.flush()
             try:
-                await side.peer.drain()
-                await side.drain()
+                await side.peer.stream.drain()
+                await side.stream.drain()
             except ConnectionError as e:
                 self.cc.error("http2", f"connection lost while writing: {e}",
                               address=self.up.address)
@@ -271,12 +265,10 @@ class H2Bridge:
         headers = list(ev.headers)
         pseudo = _pseudo(headers)
         method = pseudo.get(b":method", b"").decode("latin-1")
-        authority = pseudo.get(b":authority", b"").decode("latin-1")
         path = pseudo.get(b":path", b"/").decode("latin-1")
         self.proxy.stats_requests += 1
-        flow = Flow(self.cc, method, self.scheme, self.up.host, self.up.port, path,
+        flow = Flow(self.cc, method, self.scheme, self.host, self.up.port, path,
                     "HTTP/2.0", _regular(headers))
-        del authority
         out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
             _regular(headers))
         up_conn = self.server.conn

@@ -69,12 +69,22 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     proxy = Proxy(cfg, writer, hf, certs)
     # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
     loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
-    early: list[int] = []  # wrap mode: SIGINT/SIGTERM that arrive before CMD is running
+    # wrap mode: SIGINT/SIGTERM go to CMD; one that comes before CMD runs waits for it
+    # (one handler throughout: a signal read just before CMD started may run it just after)
+    early: list[int] = []
+    wrapped: list[asyncio.subprocess.Process] = []
+
+    def on_wrap_signal(sig: int) -> None:
+        if wrapped:
+            _forward_signal(wrapped[0], sig)
+        else:
+            early.append(sig)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         if command is None:
             loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
         else:
-            loop.add_signal_handler(sig, early.append, sig)
+            loop.add_signal_handler(sig, on_wrap_signal, sig)
     try:
         await proxy.start()
     except OSError as e:
@@ -102,8 +112,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             print(f"dumpproxy: error: cannot run {command[0]}: {e.strerror or e}",
                   file=sys.stderr)
             return 127 if isinstance(e, FileNotFoundError) else 126
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, _forward_signal, child, sig)
+        wrapped.append(child)
         for sig in early:
             _forward_signal(child, sig)
         waiter = asyncio.ensure_future(child.wait())

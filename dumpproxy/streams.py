@@ -62,7 +62,7 @@ class SocketStream(asyncio.Protocol, Stream):
         self._eof = False
         self._exc: BaseException | None = None
         self._read_waiter: asyncio.Future | None = None
-        self._drain_waiter: asyncio.Future | None = None
+        self._drain_waiters: list[asyncio.Future] = []  # several tasks may wait at once
         self._write_paused = False
         self._read_paused = False
         self._lost = False
@@ -103,18 +103,20 @@ class SocketStream(asyncio.Protocol, Stream):
         if exc is not None and self._exc is None:
             self._exc = exc
         self._wake_reader()
-        w = self._drain_waiter
-        if w is not None and not w.done():
-            w.set_exception(ConnectionResetError("connection lost"))
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(ConnectionResetError("connection lost"))
+        self._drain_waiters.clear()
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        w = self._drain_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
 
     def _wake_reader(self) -> None:
         w = self._read_waiter
@@ -164,11 +166,9 @@ class SocketStream(asyncio.Protocol, Stream):
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._write_paused:
-            self._drain_waiter = fut = asyncio.get_running_loop().create_future()
-            try:
-                await fut
-            finally:
-                self._drain_waiter = None
+            fut = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            await fut
 
     def write_eof(self) -> None:
         t = self.transport

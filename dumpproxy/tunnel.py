@@ -143,7 +143,7 @@ class Tunnel:
             return
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
             try:
-                await H2Bridge(self.cc, ctls, self.up, "https").run()
+                await H2Bridge(self.cc, ctls, self.up, "https", server_name).run()
             finally:
                 self.up.close()
             return
