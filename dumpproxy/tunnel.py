@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from dumpproxy.clienthello import Peek, classify
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import Target, error_response, next_event, send, serve_http1
-from dumpproxy.http2 import H2Bridge
 from dumpproxy.relay import Relay
 from dumpproxy.streams import SocketStream, StreamTimeout, TLSStream
 from dumpproxy.upstream import Upstream, UpstreamError
@@ -142,6 +141,8 @@ class Tunnel:
             await answer_with_error(self.cc, ctls, upstream_error)
             return
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
+            from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
+
             try:
                 await H2Bridge(self.cc, ctls, self.up, "https", server_name).run()
             finally:

@@ -1,0 +1,302 @@
+"""The README's code runs: the CI traffic-capture recipe (bash, in a temp dir, against a
+local HTTPS origin), every jq cookbook line (against a traffic.jsonl that dumpproxy
+captured), the first-screen commands, and the test command CI runs.
+
+Blocks to execute are marked with an HTML comment on the line before the fence:
+`<!-- test: NAME -->`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Origin, curl
+
+README = ROOT / "README.md"
+CI_RUN = ROOT / ".ci" / "run"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
+MARKED = re.compile(r"^<!-- test: ([\w-]+) -->\n```(\w*)\n(.*?)^```\n", re.S | re.M)
+TEST_COMMAND = "python3 -m pytest -q"
+
+
+def marked_blocks() -> dict[str, str]:
+    blocks: dict[str, str] = {}
+    for name, _lang, body in MARKED.findall(README.read_text()):
+        assert name not in blocks, f"two README blocks marked {name!r}"
+        blocks[name] = body
+    return blocks
+
+
+def shell_commands(block: str) -> list[str]:
+    """The block's commands: continuation lines joined, comments and blank lines dropped."""
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1]
+            continue
+        current += line
+        # a trailing comment is not part of the command
+        commands.append(re.sub(r"\s+#\s.*$", "", current).strip())
+        current = ""
+    assert not current, "block ends in a continuation line"
+    return commands
+
+
+def clean_env(tmp_path: Path, bin_dir: Path, **extra: str) -> dict[str, str]:
+    """No proxy or CA settings from outside; `dumpproxy` on PATH is this checkout's."""
+    env = {k: v for k, v in os.environ.items()
+           if "proxy" not in k.lower() and not re.search(r"CA_|CERT|CAINFO", k)}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["DUMPPROXY_HOME"] = str(tmp_path / "home")
+    env.update(extra)
+    return env
+
+
+def run_bash(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 60
+             ) -> subprocess.CompletedProcess:
+    """bash in its own process group, removed whole when bash exits: a background dumpproxy
+    the script left running (a broken recipe) neither outlives the test nor keeps it
+    waiting. Output goes through files, which a leftover process cannot hold open."""
+    out_path, err_path = cwd / ".bash-stdout", cwd / ".bash-stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(["bash", *args], cwd=cwd, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    out_path.unlink()
+    err_path.unlink()
+    if proc.returncode is None:
+        proc.wait()
+        raise AssertionError(f"bash timed out\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture
+def bin_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    shim = d / "dumpproxy"
+    # this interpreter and this checkout, whatever is installed; cwd stays the caller's
+    shim.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(ROOT))} "
+                    f"exec {shlex.quote(sys.executable)} -m dumpproxy \"$@\"\n")
+    shim.chmod(0o755)
+    return d
+
+
+# --- the marked blocks exist ----------------------------------------------------------------
+
+
+def test_marked_blocks_exist_and_are_shell():
+    text = README.read_text()
+    found = {name: lang for name, lang, _ in MARKED.findall(text)}
+    assert found == {"ci-capture": "sh", "jq-cookbook": "sh"}
+    assert text.count("<!-- test: ") == len(found), "a marker not right before a fence"
+    # the recipe sits under its own heading
+    head, _, _ = text.partition("<!-- test: ci-capture -->")
+    assert head.rstrip().rpartition("\n## ")[2].startswith("CI traffic capture")
+
+
+# --- the CI recipe ----------------------------------------------------------------------------
+
+
+def test_ci_capture_recipe_runs(tmp_path, bin_dir, tls_origin, pki):
+    """bash runs the README block verbatim. The test provides ORIGIN_URL (the suite's
+    target, a local HTTPS origin) and, as the machine's trust store for dumpproxy's own
+    upstream connections, SSL_CERT_FILE = the origin's CA (OpenSSL's own override)."""
+    recipe = marked_blocks()["ci-capture"]
+    work = tmp_path / "ci"
+    work.mkdir()
+    (work / "traffic.jsonl").write_text('{"event":"stale"}\n')  # from an earlier run
+    script = work / "recipe.sh"
+    script.write_text(recipe)
+    origin_url = f"https://localhost:{tls_origin.port}"
+    env = clean_env(tmp_path, bin_dir, ORIGIN_URL=origin_url, SSL_CERT_FILE=str(pki.ca_path))
+    r = run_bash(["-eu", "-o", "pipefail", str(script)], cwd=work, env=env)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+
+    # the summary
+    out = r.stdout
+    hosts, _, statuses = out.partition("status counts:\n")
+    assert hosts.startswith("hosts contacted:\n"), out
+    assert re.fullmatch(rf"hosts contacted:\n\s+2 localhost:{tls_origin.port}\n", hosts), out
+    assert re.fullmatch(r"\s+1 200\n\s+1 404\n", statuses), out
+
+    # the artifact: a fresh capture, complete, with the suite's two exchanges
+    events = [json.loads(line) for line in (work / "traffic.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "listening" and kinds[-1] == "shutdown", kinds
+    assert kinds.count("listening") == 1 and "stale" not in kinds
+    assert events[-1]["reason"] == "SIGTERM"
+    assert [(e["url"], e["status"]) for e in events if e["event"] == "response"] == [
+        (f"{origin_url}/small", 200), (f"{origin_url}/missing", 404)]
+    assert not [e for e in events if e["event"] == "error"]
+    assert [(m, p) for m, p, _ in tls_origin.requests] == [("GET", "/small"),
+                                                           ("GET", "/missing")]
+    # the bundle the clients trusted: system CAs plus dumpproxy's CA
+    bundle = (work / "ca-bundle.pem").read_bytes()
+    ca = Path(events[0]["ca_cert"]).read_bytes()
+    assert ca.strip() in bundle
+    assert bundle.count(b"BEGIN CERTIFICATE") > 10
+
+
+def test_ci_capture_recipe_fails_when_proxy_cannot_start(tmp_path, bin_dir):
+    """The wait loop does not spin forever when dumpproxy dies at startup."""
+    recipe = marked_blocks()["ci-capture"]
+    work = tmp_path / "ci"
+    work.mkdir()
+    (work / "recipe.sh").write_text(recipe)
+    home = tmp_path / "home"
+    home.write_text("not a directory")  # the CA cannot be created: exit 1 at startup
+    env = clean_env(tmp_path, bin_dir, ORIGIN_URL="https://localhost:9")
+    t0 = time.monotonic()
+    r = run_bash(["-eu", "-o", "pipefail", "recipe.sh"], cwd=work, env=env, timeout=30)
+    assert r.returncode != 0
+    assert "dumpproxy: error:" in r.stderr
+    assert time.monotonic() - t0 < 15
+
+
+# --- the jq cookbook ----------------------------------------------------------------------------
+
+
+def capture_traffic(tmp_path: Path, bin_dir: Path, origin, tls_origin, other, pki) -> Path:
+    """A real traffic.jsonl: intercepted HTTPS (200, 404), plain HTTP, a passthrough tunnel
+    decided by --ignore-hosts, and a connection error."""
+    out = tmp_path / "traffic.jsonl"
+    ignore = rf"^127\.0\.0\.1:{other.port}$"
+    env = clean_env(tmp_path, bin_dir)
+    proc = subprocess.Popen(
+        ["dumpproxy", "-p", "0", "-q", "-o", str(out), "--upstream-ca", str(pki.ca_path),
+         "--ignore-hosts", ignore], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not (out.exists() and out.read_text().endswith("\n")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no listening line"
+            time.sleep(0.05)
+        proxy = "http://" + json.loads(out.read_text().splitlines()[0])["address"]
+        ca = tmp_path / "home" / "ca-cert.pem"
+        for args in (
+            ["--cacert", str(ca), tls_origin.url("/small", host="localhost")],
+            ["--cacert", str(ca), tls_origin.url("/status/404", host="localhost")],
+            [origin.url("/small")],
+            ["--cacert", str(pki.ca_path), other.url("/small")],
+        ):
+            r = curl("-x", proxy, *args)
+            assert r.returncode == 0, r.stderr
+        closed = Origin()  # a port with nothing listening: a server_connect error
+        port = closed.port
+        closed.close()
+        r = curl("-x", proxy, "-o", "/dev/null", "-w", "%{http_code}",
+                 f"http://127.0.0.1:{port}/")
+        assert r.stdout == b"502", (r.stdout, r.stderr)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.stderr.read()
+    return out
+
+
+def test_jq_cookbook_lines_run_on_real_traffic(tmp_path, bin_dir, origin, tls_origin, pki):
+    other = Origin(pki.server_context(["127.0.0.1"]))
+    try:
+        traffic = capture_traffic(tmp_path, bin_dir, origin, tls_origin, other, pki)
+    finally:
+        other.close()
+    events = [json.loads(line) for line in traffic.read_text().splitlines()]
+    assert events[-1]["event"] == "shutdown"
+
+    block = marked_blocks()["jq-cookbook"]
+    commands = shell_commands(block)
+    comments = [line for line in block.splitlines() if line.startswith("#")]
+    assert len(commands) == len(comments) >= 6, "each cookbook line has its comment"
+    tls = f"localhost:{tls_origin.port}"
+    plain = f"127.0.0.1:{origin.port}"
+    passed = f"127.0.0.1:{other.port}"
+    checks = {
+        "every response": lambda out: (
+            len(out) == 3 and {json.loads(x)[0] for x in out} == {200, 404}
+            and all(json.loads(x)[1] == "GET" for x in out)),
+        "hosts contacted": lambda out: (
+            f"{tls} 127.0.0.1:{tls_origin.port}" in out and f"{plain} {plain}" in out
+            and f"{passed} {passed}" in out),
+        "status counts": lambda out: (
+            sorted(x.split() for x in out) == [["1", "404"], ["2", "200"]]),
+        "slowest": lambda out: (
+            1 <= len(out) <= 5 and all(isinstance(json.loads(x)[0], (int, float))
+                                       for x in out)),
+        "passed through": lambda out: (
+            out == [json.dumps([passed, rf"^127\.0\.0\.1:{other.port}$", "--ignore-hosts"],
+                               separators=(",", ":"))]),
+        "errors": lambda out: (
+            len(out) >= 1 and all(json.loads(x)[0] == "server_connect" for x in out)),
+    }
+    used = set()
+    for comment, command in zip(comments, commands, strict=True):
+        assert command.startswith("jq ") and "traffic.jsonl" in command, command
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, f"{command}\n{r.stderr}"
+        assert r.stderr == "", f"{command}\n{r.stderr}"
+        out = r.stdout.splitlines()
+        assert out and all(line.strip() for line in out), f"{command}: no output"
+        assert "null" not in r.stdout, f"{command}:\n{r.stdout}"
+        for key, check in checks.items():
+            if key in comment:
+                used.add(key)
+                assert check(out), f"{comment}\n{command}\n{r.stdout}"
+    assert used == set(checks), f"cookbook lines without their check: {set(checks) - used}"
+
+
+# --- first screen and CI ------------------------------------------------------------------------
+
+
+def first_screen_commands() -> list[str]:
+    text = README.read_text()
+    first_heading = text.index("\n## ")
+    blocks = FENCE.findall(text[:first_heading])
+    assert blocks, "no code block before the first section"
+    return shell_commands(blocks[0][1])
+
+
+def test_first_screen_commands():
+    install_run, install_test = first_screen_commands()
+    assert install_run == "python3 -m pip install . && dumpproxy -p 8080"
+    parts = [p.strip() for p in install_test.split("&&")]
+    assert parts[0] == "apt-get update"
+    assert parts[1].startswith("apt-get install -y ")
+    assert parts[2:] == ["python3 -m pip install -e '.[test]'", TEST_COMMAND]
+    # what they name exists: the package with its console script and test extra, the
+    # packages the tests use
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dumpproxy = "dumpproxy.cli:main"' in pyproject
+    assert re.search(r"^test = \[", pyproject, re.M)
+    packages = set(parts[1].split()[3:])
+    assert {"curl", "jq", "util-linux"} <= packages
+
+
+def test_ci_runs_the_readme_test_command():
+    lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert commands[-1] == TEST_COMMAND
+    readme_test = first_screen_commands()[1].split("&&")[-1].strip()
+    assert readme_test == commands[-1]
+    dev = FENCE.findall(README.read_text().partition("## Development")[2])[0][1]
+    assert TEST_COMMAND in shell_commands(dev)
