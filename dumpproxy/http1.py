@@ -9,8 +9,10 @@ both directions; nothing is held whole.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -54,11 +56,21 @@ def send(h: h11.Connection, stream: Stream, event) -> None:
         stream.write(data)
 
 
-def error_response(status: int, message: str) -> list:
+AUTH_CHALLENGE = ((b"proxy-authenticate", b'Basic realm="dumpproxy"'),)
+
+
+def error_response(status: int, message: str, extra: tuple = ()) -> list:
+    """The h11 events of a short text/plain answer made by dumpproxy itself."""
     body = (message.rstrip("\n") + "\n").encode()
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
     head = h11.Response(
         status_code=status,
+        reason=reason,
         headers=[
+            *extra,
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
@@ -67,30 +79,38 @@ def error_response(status: int, message: str) -> list:
     return [head, h11.Data(data=body), h11.EndOfMessage()]
 
 
+def answer_error(h: h11.Connection, client: Stream, status: int, message: str,
+                 extra: tuple = ()) -> None:
+    """Best effort error answer; the connection is closed after it."""
+    if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    try:
+        for event in error_response(status, message, extra):
+            send(h, client, event)
+    except (h11.LocalProtocolError, ConnectionError):
+        pass
+
+
+def protocol_error_text(e: h11.ProtocolError) -> str:
+    # h11 shows the offending bytes as a bytearray repr; keep just the bytes literal.
+    return re.sub(r"bytearray\((b'.*?')\)", r"\1", str(e))
+
+
 @dataclass
 class Target:
     """A fixed destination (inside a tunnel): every request goes there."""
 
     scheme: str
-    host: str
+    host: str  # as named in URLs and events (the SNI, else the CONNECT host)
     port: int
-    server_name: str | None  # TLS SNI to use when reconnecting
-    alpn: tuple[str, ...]
-    upstream: Upstream | None
+    upstream: Upstream  # the current connection; a reconnect goes where it went
+    tls: tuple[str, tuple[str, ...]] | None = None  # (server name, ALPN offer) to reconnect
 
     async def connection(self, cc: ClientConn) -> Upstream:
-        if self.upstream is not None and self.upstream.reusable:
-            return self.upstream
-        if self.upstream is not None:
-            self.upstream.close()
-        up = await Upstream.open(cc, self.host, self.port)
-        if self.scheme == "https":
-            try:
-                await up.start_tls(self.server_name or self.host, self.alpn)
-            except UpstreamError:
-                up.close()
-                raise
-        self.upstream = up
+        up = self.upstream
+        if not up.reusable:
+            up.close()
+            self.upstream = up = await Upstream.open(cc, up.host, up.port, self.tls)
         return up
 
 
@@ -109,8 +129,9 @@ async def serve_http1(cc: ClientConn, client: Stream, target: Target | None) -> 
                 cc.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
             return
         except h11.RemoteProtocolError as e:
-            cc.error("http", f"malformed request: {e}")
-            _answer_error(h, client, e.error_status_hint or 400, f"Bad request: {e}")
+            cc.error("http", f"malformed request: {protocol_error_text(e)}")
+            answer_error(h, client, e.error_status_hint or 400,
+                         f"Bad request: {protocol_error_text(e)}")
             return
         except ConnectionError:
             return
@@ -123,17 +144,6 @@ async def serve_http1(cc: ClientConn, client: Stream, target: Target | None) -> 
         if not keep or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
             return
         h.start_next_cycle()
-
-
-def _answer_error(h: h11.Connection, client: Stream, status: int, message: str) -> None:
-    """Best effort error answer; the connection is closed after it."""
-    if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    try:
-        for event in error_response(status, message):
-            send(h, client, event)
-    except (h11.LocalProtocolError, ConnectionError):
-        pass
 
 
 class Exchange:
@@ -490,21 +500,10 @@ class Exchange:
 
     # -- local answers --
     def _fail(self, status: int, message: str) -> None:
-        _answer_error(self.h, self.client, status, message)
+        answer_error(self.h, self.client, status, message)
 
     def _reply_407(self) -> bool:
-        body = b"Proxy authentication required\n"
-        try:
-            send(self.h, self.client, h11.Response(status_code=407, headers=[
-                (b"proxy-authenticate", b'Basic realm="dumpproxy"'),
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ]))
-            send(self.h, self.client, h11.Data(data=body))
-            send(self.h, self.client, h11.EndOfMessage())
-        except (h11.LocalProtocolError, ConnectionError):
-            pass
+        answer_error(self.h, self.client, 407, "Proxy authentication required", AUTH_CHALLENGE)
         return False
 
 

@@ -19,7 +19,7 @@ from dumpproxy.certs import CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import Decision, HostFilter, PatternError, join_host_port, split_host_port
-from dumpproxy.http1 import send, serve_http1
+from dumpproxy.http1 import AUTH_CHALLENGE, answer_error, send, serve_http1
 from dumpproxy.streams import SocketStream
 from dumpproxy.tunnel import Tunnel
 from dumpproxy.upstream import Upstream, UpstreamError, tcp_connect
@@ -68,13 +68,8 @@ class ClientConn:
                 old.close()
                 del self._by_target[k]
                 break
-        up = await Upstream.open(self, host, port)
-        if scheme == "https":
-            try:
-                await up.start_tls(host, ("http/1.1",))
-            except UpstreamError:
-                up.close()
-                raise
+        tls = (host, ("http/1.1",)) if scheme == "https" else None
+        up = await Upstream.open(self, host, port, tls)
         self._by_target[key] = up
         return up
 
@@ -101,17 +96,7 @@ class ClientConn:
                     reply = (e.status, e.message)
         if reply is not None:
             status, message = reply
-            body = (message + "\n").encode()
-            headers = [(b"content-type", b"text/plain; charset=utf-8"),
-                       (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-            if status == 407:
-                headers.insert(0, (b"proxy-authenticate", b'Basic realm="dumpproxy"'))
-            try:
-                send(h, client, h11.Response(status_code=status, headers=headers))
-                send(h, client, h11.Data(data=body))
-                send(h, client, h11.EndOfMessage())
-            except (h11.LocalProtocolError, ConnectionError):
-                pass
+            answer_error(h, client, status, message, AUTH_CHALLENGE if status == 407 else ())
             return
         try:
             send(h, client, h11.Response(status_code=200, headers=[],
@@ -159,7 +144,6 @@ class Proxy:
         self.stats_passthrough = 0
         self.stats_errors = 0
         self._up_contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
-        self.tls_sessions = SessionCache()
         self._auth: bytes | None = None
         if cfg.proxyauth:
             self._auth = base64.b64encode(cfg.proxyauth.encode())
@@ -292,23 +276,6 @@ class Proxy:
         )
         self.writer.flush()
         self.certs.close()
-
-
-class SessionCache:
-    """Upstream TLS sessions by (ALPN offer, server name, port), for resumption."""
-
-    MAX = 1024
-
-    def __init__(self) -> None:
-        self._items: dict[tuple, ssl.SSLSession] = {}
-
-    def get(self, key: tuple) -> ssl.SSLSession | None:
-        return self._items.get(key)
-
-    def put(self, key: tuple, session: ssl.SSLSession) -> None:
-        if len(self._items) >= self.MAX and key not in self._items:
-            self._items.pop(next(iter(self._items)))
-        self._items[key] = session
 
 
 def make_upstream_context(cfg: Config) -> ssl.SSLContext:

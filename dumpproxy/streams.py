@@ -202,11 +202,10 @@ class TLSStream(Stream):
     @classmethod
     async def handshake(cls, inner: Stream, ctx: ssl.SSLContext, server_side: bool,
                         server_hostname: str | None = None,
-                        timeout: float | None = None,
-                        session: ssl.SSLSession | None = None) -> TLSStream:
+                        timeout: float | None = None) -> TLSStream:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side,
-                           server_hostname=server_hostname, session=session)
+                           server_hostname=server_hostname)
         self = cls(inner, obj, incoming, outgoing)
         while True:
             try:

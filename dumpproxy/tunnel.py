@@ -12,6 +12,8 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+import h11
+
 from dumpproxy.clienthello import Peek, classify
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import Target, error_response, next_event, send, serve_http1
@@ -92,7 +94,7 @@ class Tunnel:
         elif peek.kind == "tls":
             await self.intercept_tls(peek)
         else:
-            target = Target("http", self.host, self.port, None, (), self.up)
+            target = Target("http", self.host, self.port, self.up)
             await serve_http1(self.cc, self.client, target)
 
     async def relay(self) -> None:
@@ -150,18 +152,15 @@ class Tunnel:
             return
         # Reconnects for HTTP/1 clients must not end up speaking h2 upstream.
         alpn = (HTTP1_ALPN,) if HTTP1_ALPN in offered else ()
-        target = Target("https", server_name, self.port, server_name, alpn, self.up)
+        target = Target("https", server_name, self.port, self.up, (server_name, alpn))
         try:
             await serve_http1(self.cc, ctls, target)
         finally:
-            if target.upstream is not None:
-                target.upstream.close()
+            target.upstream.close()
 
 
 async def answer_with_error(cc: ClientConn, stream, err: UpstreamError) -> None:
     """Give the client's first request a readable error (e.g. upstream TLS failed)."""
-    import h11
-
     h = h11.Connection(h11.SERVER)
     try:
         ev = await next_event(h, stream, cc.proxy.cfg.client_idle_timeout)
