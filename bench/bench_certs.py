@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from dumpproxy.certs import CertStore, _write_atomic, load_or_create_ca  # noqa: E402
+from dumpproxy.certs import CertStore, load_or_create_ca  # noqa: E402
 
 ALPN = ("http/1.1",)
 
@@ -78,31 +78,29 @@ def main() -> int:
             store.server_context("warmup.bench.test", ALPN)
 
             rows: list[tuple[str, list[float]]] = []
-            rows.append(("first-seen host (leaf + file + SSLContext)",
+            rows.append(("first-seen host (leaf + SSLContext)",
                          [timed(store.server_context, h, ALPN) for h in hosts]))
             rows.append(("  mint leaf certificate (build + sign)",
                          [timed(store.leaf_cert, f"mint{i}.bench.test") for i in range(n)]))
             pem = store.leaf_cert("file.bench.test").public_bytes(serialization.Encoding.PEM)
+            key_pem = store.leaf_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption())
             scratch = os.path.join(tmp, "scratch")
             os.mkdir(scratch)
-            paths = [os.path.join(scratch, f"leaf-{i}.pem") for i in range(n)]
-            rows.append(("  write leaf PEM file (tmp + fsync + rename)",
-                         [timed(_write_atomic, path, pem, 0o600) for path in paths]))
 
-            def plain_write(path: str) -> None:
-                with open(path + ".plain", "wb") as f:
-                    f.write(pem)
-
-            rows.append(("  (same, plain write without fsync)",
-                         [timed(plain_write, path) for path in paths]))
-
-            def new_context(path: str) -> None:
+            def new_context(i: int) -> None:
+                # what server_context does for a new host once the leaf exists
+                path = os.path.join(scratch, f"leaf-{i}.pem")
+                with open(path, "wb") as f:
+                    f.write(key_pem + pem)
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                ctx.load_cert_chain(path, store._key_path)
+                ctx.load_cert_chain(path)
+                os.unlink(path)
                 ctx.set_alpn_protocols(list(ALPN))
 
-            rows.append(("  SSLContext + load_cert_chain + ALPN",
-                         [timed(new_context, path) for path in paths]))
+            rows.append(("  write key+leaf file, SSLContext, load, unlink",
+                         [timed(new_context, i) for i in range(n)]))
             rows.append(("cached host (same ALPN offer)",
                          [timed(store.server_context, h, ALPN)
                           for _ in range(args.repeat) for h in hosts]))

@@ -9,6 +9,7 @@ writer and each connection buffers at most its receive window.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections import deque
 from http import HTTPStatus
@@ -169,6 +170,12 @@ class H2Bridge:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             self._abandon_open_streams()
+            # h2's connection objects hold reference cycles; left to the cyclic GC they
+            # pile up between its rare full passes. Collect them once per connection.
+            for side in (self.client, self.server):
+                side.pending.clear()
+                del side.peer
+            gc.collect()
 
     async def _loop(self, side: Side) -> None:
         idle = self.proxy.cfg.idle_timeout
