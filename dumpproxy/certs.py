@@ -229,6 +229,8 @@ class CertStore:
         pem = self._certs.get(host)
         if pem is None:
             pem = self.leaf_cert(host).public_bytes(serialization.Encoding.PEM)
+            if len(self._certs) >= MAX_CONTEXTS:
+                self._certs.pop(next(iter(self._certs)))
             self._certs[host] = pem
             self.minted += 1
         return pem

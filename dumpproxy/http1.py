@@ -91,9 +91,20 @@ def answer_error(h: h11.Connection, client: Stream, status: int, message: str,
         pass
 
 
-def protocol_error_text(e: h11.ProtocolError) -> str:
-    # h11 shows the offending bytes as a bytearray repr; keep just the bytes literal.
-    return re.sub(r"bytearray\((b'.*?')\)", r"\1", str(e))
+def protocol_error_text(e: h11.ProtocolError, redact: bool) -> str:
+    """h11's message, whose quoted raw line may carry credentials (a malformed
+    `Authorization` line): withheld unless --no-redact; a bytearray repr made readable."""
+    text = str(e)
+    if redact:
+        cut = re.search(r": (bytearray\()?b['\"]", text)
+        if cut:
+            return text[: cut.start()] + " (raw bytes withheld; --no-redact shows them)"
+        return text
+    return re.sub(r"bytearray\((b'.*?')\)", r"\1", text)
+
+
+def _target_text(raw: str, redact: bool) -> str:
+    return repr(re.sub(r"//[^/@]*@", "//<redacted>@", raw) if redact else raw)
 
 
 @dataclass
@@ -129,9 +140,9 @@ async def serve_http1(cc: ClientConn, client: Stream, target: Target | None) -> 
                 cc.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
             return
         except h11.RemoteProtocolError as e:
-            cc.error("http", f"malformed request: {protocol_error_text(e)}")
-            answer_error(h, client, e.error_status_hint or 400,
-                         f"Bad request: {protocol_error_text(e)}")
+            text = protocol_error_text(e, cfg.redact)
+            cc.error("http", f"malformed request: {text}")
+            answer_error(h, client, e.error_status_hint or 400, f"Bad request: {text}")
             return
         except ConnectionError:
             return
@@ -178,10 +189,13 @@ class Exchange:
             parts = urlsplit(raw)
             port = parts.port
         except ValueError as e:
-            raise BadRequest(f"bad request target {raw!r}: {e}") from None
+            raise BadRequest(
+                f"bad request target {_target_text(raw, self.proxy.cfg.redact)}: {e}"
+            ) from None
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS or not parts.hostname:
-            raise BadRequest(f"unsupported request target {raw!r}")
+            raise BadRequest(
+                f"unsupported request target {_target_text(raw, self.proxy.cfg.redact)}")
         if self.target is not None:  # absolute-form inside a tunnel: the tunnel decides
             t = self.target
             scheme, host, port = t.scheme, t.host, t.port
@@ -295,7 +309,7 @@ class Exchange:
                 await up.stream.drain()
             except ConnectionError as e:
                 raise UpstreamGone(str(e)) from None
-            keep = await self._download(up, upgrade)
+            keep = await self._download(up, upgrade, upload)
         except BaseException as e:
             if upload is not None and not upload.done():
                 upload.cancel()
@@ -375,13 +389,19 @@ class Exchange:
             raise UpstreamGone("connection closed before the response ended")
         return ev
 
-    async def _download(self, up: Upstream, upgrade: bool) -> bool:
+    async def _download(self, up: Upstream, upgrade: bool,
+                        upload: asyncio.Task | None) -> bool:
         """Upstream response -> client, streamed. Returns keep-alive."""
         client, cfg = self.client, self.proxy.cfg
         uh = up.h
         assert uh is not None
         while True:
-            ev = await self._read_up(up, cfg.response_timeout)
+            try:
+                ev = await self._read_up(up, cfg.response_timeout)
+            except StreamTimeout:
+                if upload is not None and not upload.done():
+                    continue  # the body is still going up: the wait counts from its end
+                raise
             if type(ev) is h11.InformationalResponse:
                 if ev.status_code == 101 and upgrade:
                     await self._switch(up, ev)

@@ -396,9 +396,22 @@ class H2Bridge:
                         pair.done_down = True
                         self._finish(pair)
         except h2.exceptions.StreamClosedError:
-            target.pending.pop(tid, None)
+            self._drop(target, tid, sid)
         except h2.exceptions.FlowControlError:
             return
+
+    def _drop(self, target: Side, tid: int, source_sid: int | None) -> None:
+        """Discard what waits for target's stream tid, giving its window back to the
+        sender: unacknowledged bytes would shrink the source connection's window for good."""
+        q = target.pending.pop(tid, None)
+        if q is None:
+            return
+        unacked = sum(item[1] for item in q.chunks)
+        if unacked and source_sid is not None:
+            try:
+                target.peer.conn.acknowledge_received_data(unacked, source_sid)
+            except h2.exceptions.ProtocolError:
+                pass
 
     def _finish(self, pair: H2Stream) -> None:
         """The response is complete towards the client: record it, forget the pair."""
@@ -409,6 +422,7 @@ class H2Bridge:
                 reason = ""
             pair.flow.respond(pair.status, reason, pair.resp_headers)
             pair.flow = None
+        self._drop(self.server, pair.up_id, pair.client_id)  # upload the origin did not read
         self.by_client.pop(pair.client_id, None)
         self.by_up.pop(pair.up_id, None)
 
@@ -444,8 +458,8 @@ class H2Bridge:
             other.conn.reset_stream(oid, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        other.pending.pop(oid, None)
-        side.pending.pop(ev.stream_id, None)
+        self._drop(other, oid, ev.stream_id)
+        self._drop(side, ev.stream_id, oid)
         flow = pair.flow
         pair.flow = None
         self.by_client.pop(pair.client_id, None)

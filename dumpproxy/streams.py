@@ -258,6 +258,8 @@ class TLSStream(Stream):
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 data = b""
+            except ssl.SSLError as e:  # a broken record or a fatal alert: the peer's fault
+                raise ConnectionResetError(f"TLS error: {e.reason or e}") from None
             if not data:
                 break
             parts.append(data)
@@ -275,7 +277,10 @@ class TLSStream(Stream):
     def write(self, data: bytes) -> None:
         if self._closed_tls:
             raise ConnectionResetError("TLS session closed")
-        self.ssl.write(data)
+        try:
+            self.ssl.write(data)
+        except ssl.SSLError as e:
+            raise ConnectionResetError(f"TLS error: {e.reason or e}") from None
         self.inner.write(self._out.read())
 
     async def drain(self) -> None:

@@ -119,3 +119,18 @@ def test_intercepted_tls_connections_do_not_grow_memory(dumpproxy, tls_origin, p
     grown = _rss_now_kb(p.proc.pid) - before
     assert grown < 2048, f"RSS grew by {grown} KiB over 600 intercepted TLS connections"
     p.wait_for(lambda e: e["event"] == "response", count=750)  # every exchange recorded
+
+
+def test_malformed_credential_line_is_not_echoed_into_events(dumpproxy, origin):
+    """h11 quotes the offending line; with redaction on, the event must not carry it."""
+    p = dumpproxy()
+    s = socket.create_connection(("127.0.0.1", p.port))
+    s.sendall(b"GET http://127.0.0.1:%d/small HTTP/1.1\r\nHost: x\r\n"
+              b"Authorization : Bearer SECRET-TOKEN\r\n\r\n" % origin.port)
+    s.settimeout(5)
+    assert s.recv(100).startswith(b"HTTP/1.1 400 Bad Request")
+    s.close()
+    err = p.wait_for(lambda e: e["event"] == "error" and e["stage"] == "http")
+    assert "illegal header line" in err["message"]
+    p.stop()
+    assert not any("SECRET-TOKEN" in line for line in p.lines)
