@@ -42,12 +42,19 @@ class BadRequest(Exception):
 
 
 async def next_event(h: h11.Connection, stream: Stream, timeout: float | None):
-    """The next h11 event, reading from the stream as needed (b"" feeds EOF)."""
+    """The next h11 event, reading from the stream as needed (b"" feeds EOF).
+
+    The timeout bounds the whole event (a head trickled a byte at a time included),
+    not each read."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         ev = h.next_event()
         if ev is not h11.NEED_DATA:
             return ev
-        h.receive_data(await stream.read(timeout))
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise StreamTimeout()
+        h.receive_data(await stream.read(remaining))
 
 
 def send(h: h11.Connection, stream: Stream, event) -> None:
