@@ -27,6 +27,7 @@ _dumpproxy_options='
     --proxyauth
     -o --output
     --format
+    --schema
     -q --quiet
     -v --verbose
     --version

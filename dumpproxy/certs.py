@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dumpproxy.addresses import is_ip
+
 CA_FILE = "ca.pem"
 CA_CERT_FILE = "ca-cert.pem"
 CA_VALID_DAYS = 3650
@@ -168,14 +170,6 @@ def load_or_create_ca(ca_dir: str) -> CA:
     if current != pem:
         _write_atomic(cert_path, pem, 0o644)
     return CA(key, cert, cert_path)  # type: ignore[arg-type]
-
-
-def is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
 
 
 class CertStore:

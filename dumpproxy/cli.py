@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append events to FILE instead of stdout")
     o.add_argument("--format", choices=("json", "text"), default="json",
                    help="json (default) or text, the human event log")
+    o.add_argument("--schema", action="store_true",
+                   help="print the JSON Schema of the events (draft 2020-12) and exit")
     v = o.add_mutually_exclusive_group()
     v.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
     v.add_argument("-v", "--verbose", action="store_true", help="more on stderr")
@@ -158,7 +160,8 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
 
 
 def check_targets(hf: HostFilter, targets: list[str]) -> int:
-    from dumpproxy.hostfilter import candidates, split_host_port
+    from dumpproxy.addresses import split_host_port
+    from dumpproxy.hostfilter import candidates
 
     if targets == ["-"]:
         targets = [line.strip() for line in sys.stdin if line.strip()]
@@ -202,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("nothing to run after '--'")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.schema:
+        from dumpproxy.schema import schema_text
+
+        sys.stdout.buffer.write(schema_text())
+        sys.stdout.flush()
+        return 0
     if args.pattern_for is not None:
         try:
             print(exact_pattern(args.pattern_for))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import TYPE_CHECKING
 
 from dumpproxy import headers as hdr
-from dumpproxy.hostfilter import join_host_port
-
-if TYPE_CHECKING:
-    from dumpproxy.proxy import ClientConn
+from dumpproxy.addresses import join_host_port
+from dumpproxy.context import Context
+from dumpproxy.schema import Request, Response
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -56,38 +54,26 @@ class BodyCapture:
 class Flow:
     """One recorded exchange: numbered, with its `request` and `response` events."""
 
-    __slots__ = ("cc", "flow", "method", "url", "http_version", "started", "request_bytes",
+    __slots__ = ("ctx", "flow", "method", "url", "http_version", "started", "request_bytes",
                  "response_bytes", "req_body", "resp_body")
 
-    def __init__(self, cc: ClientConn, method: str, scheme: str, host: str, port: int,
+    def __init__(self, ctx: Context, method: str, scheme: str, host: str, port: int,
                  path: str, http_version: str, header_items, started: float | None = None):
-        proxy = cc.proxy
-        self.cc = cc
-        self.flow = proxy.next_flow()
+        self.ctx = ctx
+        self.flow = ctx.services.next_flow()
         self.method = method
         self.url = build_url(scheme, host, port, path)
         self.http_version = http_version
         self.started = time.monotonic() if started is None else started
         self.request_bytes = 0
         self.response_bytes = 0
-        cfg = proxy.cfg
+        cfg = ctx.cfg
         self.req_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
         self.resp_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
-        proxy.emit(
-            "request",
-            {
-                "flow": self.flow,
-                "method": method,
-                "url": self.url,
-                "scheme": scheme,
-                "host": host,
-                "port": port,
-                "path": path,
-                "http_version": http_version,
-                "headers": hdr.header_object(header_items, cfg.redact),
-            },
-            cc,
-        )
+        ctx.emit("request", Request(
+            flow=self.flow, method=method, url=self.url, scheme=scheme,  # type: ignore
+            host=host, port=port, path=path, http_version=http_version,  # type: ignore
+            headers=hdr.header_object(header_items, cfg.redact)))
 
     def request_data(self, data: bytes) -> None:
         self.request_bytes += len(data)
@@ -101,20 +87,14 @@ class Flow:
 
     def respond(self, status: int, reason: str, header_items) -> None:
         """The `response` event: written once the last body byte was forwarded."""
-        proxy = self.cc.proxy
-        fields = {
-            "flow": self.flow,
-            "method": self.method,
-            "url": self.url,
-            "http_version": self.http_version,
-            "status": status,
-            "reason": reason,
-            "headers": hdr.header_object(header_items, proxy.cfg.redact),
-            "request_bytes": self.request_bytes,
-            "response_bytes": self.response_bytes,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
-        }
+        ctx = self.ctx
+        fields = Response(
+            flow=self.flow, method=self.method, url=self.url,
+            http_version=self.http_version,  # type: ignore[typeddict-item]
+            status=status, reason=reason, headers=hdr.header_object(header_items, ctx.cfg.redact),
+            request_bytes=self.request_bytes, response_bytes=self.response_bytes,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3))
         if self.req_body is not None and self.resp_body is not None:
-            fields.update(self.req_body.fields("request_body"))
-            fields.update(self.resp_body.fields("response_body"))
-        proxy.emit("response", fields, self.cc)
+            fields.update(self.req_body.fields("request_body"))  # type: ignore[typeddict-item]
+            fields.update(self.resp_body.fields("response_body"))  # type: ignore[typeddict-item]
+        ctx.emit("response", fields)

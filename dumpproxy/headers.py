@@ -1,8 +1,10 @@
-"""Header conversions: event header objects, redaction, hop-by-hop filtering (pure)."""
+"""HTTP rules shared by the HTTP/1 and HTTP/2 bridges (pure): event header objects,
+redaction, hop-by-hop filtering, message framing, reason phrases."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from http import HTTPStatus
 
 # Hop-by-hop fields (RFC 9110 7.6.1) plus the proxy-only ones; never forwarded.
 HOP_BY_HOP = frozenset(
@@ -17,6 +19,10 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     }
 )
+# Connection-specific fields may not appear in HTTP/2 (RFC 9113 8.2.2).
+H2_FORBIDDEN = HOP_BY_HOP | {b"transfer-encoding", b"host"}
+# Framing: a Connection header naming these must not make a body vanish.
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 # Schemes whose following word is kept when redacting (Authorization: Bearer <redacted>).
 REDACTED = "<redacted>"
@@ -62,17 +68,20 @@ def connection_tokens(items: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 def forwardable(
-    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False
+    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False, http2: bool = False
 ) -> list[tuple[bytes, bytes]]:
-    """Headers to forward to the next hop: hop-by-hop and Connection-named fields removed.
+    """Headers to forward to the next hop: hop-by-hop and Connection-named fields removed
+    (never the framing ones).
 
     With keep_upgrade, `Upgrade` and `Connection: upgrade` survive so that a WebSocket
-    handshake reaches the origin.
+    handshake reaches the origin. With http2, the fields HTTP/2 forbids go too, except
+    `te: trailers`, which HTTP/2 allows (and gRPC needs).
     """
-    drop = connection_tokens(items) | HOP_BY_HOP
+    drop = (connection_tokens(items) - FRAMING) | (H2_FORBIDDEN if http2 else HOP_BY_HOP)
     if keep_upgrade:
         drop = drop - {b"upgrade"}
-    out = [(n, v) for n, v in items if n.lower() not in drop]
+    out = [(n, v) for n, v in items if n.lower() not in drop
+           or (http2 and n == b"te" and v.strip().lower() == b"trailers")]
     if keep_upgrade:
         out.append((b"Connection", b"upgrade"))
     return out
@@ -91,3 +100,30 @@ def has_token(items: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -
         if n.lower() == name and token in (t.strip().lower() for t in v.split(b",")):
             return True
     return False
+
+
+def framing_conflict(items: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding: a smuggling shape, refused (SPEC §7)."""
+    return header_value(items, b"transfer-encoding") is not None and \
+        header_value(items, b"content-length") is not None
+
+
+def body_length(method: str | bytes, status: int, items: list[tuple[bytes, bytes]]) -> int | None:
+    """A response body's exact length when the head fixes it (0 for HEAD, 1xx, 204, 304;
+    Content-Length otherwise), None when the body is chunked or runs to the close."""
+    if method in ("HEAD", b"HEAD") or status < 200 or status in (204, 304):
+        return 0
+    if header_value(items, b"transfer-encoding") is not None:
+        return None
+    value = header_value(items, b"content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def reason_phrase(status: int) -> str:
+    """The standard phrase for a status, "" for one without."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""

@@ -1,44 +1,31 @@
-"""The HTTP/1 bridge: requests read from a client with h11, forwarded upstream with h11.
+"""The HTTP/1 pump: one exchange forwarded between a client and an upstream, both with h11.
 
-One bridge serves every place HTTP/1 appears: absolute-form requests to the explicit
-proxy (each decided on its own), and origin-form requests inside an intercepted tunnel
-(the tunnel was decided at CONNECT; its destination is fixed). Bodies stream through in
-both directions; nothing is held whole.
+The caller (`http1_server`) has already parsed the target, checked authentication,
+decided, and opened the upstream; the pump sends the request, streams the bodies both
+ways (nothing is held whole), relays an upgraded connection after 101, and maps every
+failure, in one place, to the side it came from and to what the client is told.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import re
 import time
-from dataclasses import dataclass
-from http import HTTPStatus
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import h11
 
 from dumpproxy import headers as hdr
-from dumpproxy.flows import DEFAULT_PORTS, Flow
-from dumpproxy.hostfilter import candidates, join_host_port
+from dumpproxy.context import Context
+from dumpproxy.flows import Flow
 from dumpproxy.relay import Relay
 from dumpproxy.streams import Stream, StreamTimeout
-from dumpproxy.upstream import Upstream, UpstreamError
-
-if TYPE_CHECKING:
-    from dumpproxy.proxy import ClientConn
+from dumpproxy.upstream import Upstream
 
 MAX_HEAD = 64 * 1024
 
 
-class ClientGone(Exception):
-    """The client closed or reset its connection mid-exchange."""
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+# --- h11 helpers --------------------------------------------------------------------------
 
 
 async def next_event(h: h11.Connection, stream: Stream, timeout: float | None):
@@ -63,19 +50,12 @@ def send(h: h11.Connection, stream: Stream, event) -> None:
         stream.write(data)
 
 
-AUTH_CHALLENGE = ((b"proxy-authenticate", b'Basic realm="dumpproxy"'),)
-
-
 def error_response(status: int, message: str, extra: tuple = ()) -> list:
     """The h11 events of a short text/plain answer made by dumpproxy itself."""
     body = (message.rstrip("\n") + "\n").encode()
-    try:
-        reason = HTTPStatus(status).phrase.encode()
-    except ValueError:
-        reason = b""
     head = h11.Response(
         status_code=status,
-        reason=reason,
+        reason=hdr.reason_phrase(status).encode(),
         headers=[
             *extra,
             (b"content-type", b"text/plain; charset=utf-8"),
@@ -110,243 +90,144 @@ def protocol_error_text(e: h11.ProtocolError, redact: bool) -> str:
     return re.sub(r"bytearray\((b'.*?')\)", r"\1", text)
 
 
-def _target_text(raw: str, redact: bool) -> str:
-    return repr(re.sub(r"//[^/@]*@", "//<redacted>@", raw) if redact else raw)
+# --- failures, named for the side they came from ------------------------------------------
 
 
-@dataclass
-class Target:
-    """A fixed destination (inside a tunnel): every request goes there."""
-
-    scheme: str
-    host: str  # as named in URLs and events (the SNI, else the CONNECT host)
-    port: int
-    upstream: Upstream  # the current connection; a reconnect goes where it went
-    tls: tuple[str, tuple[str, ...]] | None = None  # (server name, ALPN offer) to reconnect
-
-    async def connection(self, cc: ClientConn) -> Upstream:
-        up = self.upstream
-        if not up.reusable:
-            up.close()
-            self.upstream = up = await Upstream.open(cc, up.host, up.port, self.tls)
-        return up
+class PeerGone(Exception):
+    """One side closed, reset or broke its connection mid-exchange."""
 
 
-async def serve_http1(cc: ClientConn, client: Stream, target: Target | None) -> None:
-    """Serve HTTP/1 requests from one client stream until it closes.
+class ClientGone(PeerGone):
+    pass
 
-    target None: explicit proxy (absolute-form, decided per request, CONNECT allowed).
-    """
-    h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    cfg = cc.proxy.cfg
-    while True:
-        try:
-            ev = await next_event(h, client, cfg.client_idle_timeout)
-        except StreamTimeout:
-            if h.their_state is not h11.IDLE or h.trailing_data[0]:
-                cc.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
-            return
-        except h11.RemoteProtocolError as e:
-            text = protocol_error_text(e, cfg.redact)
-            cc.error("http", f"malformed request: {text}")
-            answer_error(h, client, e.error_status_hint or 400, f"Bad request: {text}")
-            return
-        except ConnectionError:
-            return
-        if type(ev) is not h11.Request:  # ConnectionClosed (clean EOF)
-            return
-        if target is None and ev.method == b"CONNECT":
-            await cc.connect_tunnel(h, client, ev)
-            return
-        keep = await Exchange(cc, h, client, ev, target).run()
-        if not keep or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
-            return
-        h.start_next_cycle()
+
+class UpstreamGone(PeerGone):
+    pass
+
+
+class BadResponse(Exception):
+    pass
+
+
+class _Blame:
+    """`with TO_CLIENT:` turns a transport failure into the exception naming that side
+    (httpcore's map_exceptions, as a cheap class: it wraps every chunk)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: type[PeerGone]):
+        self.exc = exc
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp, e, tb) -> bool:
+        if tp is not None and issubclass(tp, ConnectionError):
+            raise self.exc(str(e) or "connection reset") from None
+        return False
+
+
+TO_CLIENT = _Blame(ClientGone)
+TO_UPSTREAM = _Blame(UpstreamGone)
+
+
+class Phase(enum.Enum):
+    """Where an exchange is; what a failure means for the client depends on it."""
+
+    REQUEST = "waiting for the response head"  # the client can still get an error answer
+    RESPONSE = "streaming the response"  # the head went out: a failure cuts the client
+    UPGRADED = "relaying the upgraded connection"
+    DONE = "done"
+
+
+# --- the pump -----------------------------------------------------------------------------
 
 
 class Exchange:
     """One request/response through the bridge."""
 
-    def __init__(self, cc: ClientConn, h: h11.Connection, client: Stream, req: h11.Request,
-                 target: Target | None):
-        self.cc = cc
-        self.proxy = cc.proxy
+    def __init__(self, ctx: Context, h: h11.Connection, client: Stream, req: h11.Request,
+                 up: Upstream, path: bytes, headers: list[tuple[bytes, bytes]],
+                 upgrade: bool, fl: Flow | None):
+        self.ctx = ctx
         self.h = h
         self.client = client
         self.req = req
-        self.target = target
-        self.record = True
-        self.fl: Flow | None = None  # set when the exchange is recorded
-        self.started = time.monotonic()
-        self.status: int | None = None
-        self.sent_head = False
-
-    # -- request line and destination --
-    def _destination(self) -> tuple[str, str, int, str]:
-        """scheme, host, port, origin-form path."""
-        raw = self.req.target.decode("latin-1")
-        if self.target is not None and raw.startswith("/"):
-            t = self.target
-            return t.scheme, t.host, t.port, raw
-        if self.target is None and raw.startswith("/"):
-            raise BadRequest(
-                "dumpproxy is a proxy: send absolute-form requests (GET http://host/ HTTP/1.1)"
-            )
-        try:
-            parts = urlsplit(raw)
-            port = parts.port
-        except ValueError as e:
-            raise BadRequest(
-                f"bad request target {_target_text(raw, self.proxy.cfg.redact)}: {e}"
-            ) from None
-        scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS or not parts.hostname:
-            raise BadRequest(
-                f"unsupported request target {_target_text(raw, self.proxy.cfg.redact)}")
-        if self.target is not None:  # absolute-form inside a tunnel: the tunnel decides
-            t = self.target
-            scheme, host, port = t.scheme, t.host, t.port
-        else:
-            host = parts.hostname
-            port = port or DEFAULT_PORTS[scheme]
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        return scheme, host, port, path
-
-    async def run(self) -> bool:
-        """Forward the exchange; True when the client connection may be kept alive."""
-        req = self.req
-        items = list(req.headers.raw_items())
-        try:
-            if self.target is None and not self.proxy.authorized(items):
-                self.cc.error("auth", "proxy authentication required")
-                return self._reply_407()
-            if hdr.header_value(items, b"transfer-encoding") is not None and \
-                    hdr.header_value(items, b"content-length") is not None:
-                raise BadRequest("request has both Content-Length and Transfer-Encoding")
-            scheme, host, port, path = self._destination()
-        except BadRequest as e:
-            self.cc.error("http", str(e))
-            self._fail(e.status, str(e))
-            return False
-        self.scheme, self.host, self.port, self.path = scheme, host, port, path
-        try:
-            up = await self._upstream()
-        except UpstreamError as e:
-            self.cc.error(e.stage, e.message, address=join_host_port(host, port),
-                          flow=self.flow_id)
-            self._fail(e.status, e.message)
-            return False
-        try:
-            return await self._forward(up, items)
-        except asyncio.CancelledError:
-            self.cc.error("shutdown", "proxy shutting down mid-exchange", flow=self.flow_id,
-                          address=up.address)
-            up.close()
-            raise
-
-    async def _upstream(self) -> Upstream:
-        if self.target is not None:
-            up = await self.target.connection(self.cc)
-            self._begin()
-            return up
-        up = await self.cc.upstream_for(self.scheme, self.host, self.port)
-        decision = self.cc.decide(
-            self.host, self.port, candidates(self.host, self.port, ip=up.ip_host), sni=None
-        )
-        self.record = not decision.passthrough
-        self._begin()
-        return up
-
-    def _begin(self) -> None:
-        """Count the request; number it and write `request` if it is recorded."""
-        self.proxy.stats_requests += 1
-        if self.record:
-            req = self.req
-            self.fl = Flow(self.cc, req.method.decode("latin-1"), self.scheme, self.host,
-                           self.port, self.path, "HTTP/" + req.http_version.decode(),
-                           req.headers.raw_items(), self.started)
+        self.up = up
+        self.path = path  # origin-form target sent upstream
+        self.headers = headers  # forwardable request headers
+        self.upgrade = upgrade
+        self.fl = fl  # None when the exchange is not recorded
+        self.phase = Phase.REQUEST
+        self.status = 0
 
     @property
     def flow_id(self) -> int | None:
         return self.fl.flow if self.fl is not None else None
 
-    # -- forwarding; failures are attributed to the side they came from --
-    def _to_client(self, event) -> None:
-        try:
-            send(self.h, self.client, event)
-        except ConnectionError as e:
-            raise ClientGone(str(e)) from None
-
-    def _to_up(self, up: Upstream, event) -> None:
-        try:
-            send(up.h, up.stream, event)  # type: ignore[arg-type]
-        except ConnectionError as e:
-            raise UpstreamGone(str(e)) from None
-
-    def _client_event(self):
-        try:
-            return self.h.next_event()
-        except h11.RemoteProtocolError as e:
-            raise ClientGone(f"malformed request body: {e}") from None
-
-    async def _forward(self, up: Upstream, items: list[tuple[bytes, bytes]]) -> bool:
-        req = self.req
-        upgrade = hdr.header_value(items, b"upgrade") is not None and hdr.has_token(
-            items, b"connection", b"upgrade"
-        )
-        out = hdr.forwardable(items, keep_upgrade=upgrade)
-        if hdr.header_value(out, b"host") is None:
-            out.insert(0, (b"Host", join_host_port(self.host, self.port).encode()))
+    async def run(self) -> bool:
+        """Forward the exchange; True when the client connection may be kept alive."""
+        up = self.up
         if up.h is None:
             up.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         upload: asyncio.Task | None = None
         try:
-            # _parsed: the fields came out of h11's parser (already validated); skip the
-            # per-field regexes, the largest cost of a small exchange.
-            self._to_up(up, h11.Request(method=req.method, target=self.path.encode(),
-                                        headers=out, _parsed=True))
+            with TO_UPSTREAM:
+                # _parsed: the fields came out of h11's parser (already validated); skip
+                # the per-field regexes, the largest cost of a small exchange.
+                send(up.h, up.stream, h11.Request(
+                    method=self.req.method, target=self.path, headers=self.headers,
+                    _parsed=True))
             first = self._client_event()
             if type(first) is h11.EndOfMessage:
-                self._to_up(up, h11.EndOfMessage())
-            else:
-                upload = asyncio.ensure_future(self._upload(up, first))
-            try:
-                await up.stream.drain()
-            except ConnectionError as e:
-                raise UpstreamGone(str(e)) from None
-            keep = await self._download(up, upgrade, upload)
-        except BaseException as e:
-            if upload is not None and not upload.done():
-                upload.cancel()
-                await asyncio.gather(upload, return_exceptions=True)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return self._broken(up, e)
-        if upload is not None:
-            if not upload.done():
-                # The response ended before the request body: stop, close both.
-                upload.cancel()
-                await asyncio.gather(upload, return_exceptions=True)
-                keep = False
-            elif upload.exception() is not None:
-                return self._broken(up, upload.exception())  # type: ignore[arg-type]
+                with TO_UPSTREAM:
+                    send(up.h, up.stream, first)
+                    await up.stream.drain()
+                return await self._download(None)
+            upload = asyncio.ensure_future(self._upload(first))
+            return await self._with_upload(upload)
+        except asyncio.CancelledError:
+            await _settle(upload)
+            self.ctx.error("shutdown", "proxy shutting down mid-exchange", self.flow_id,
+                           up.address)
+            up.close()
+            raise
+        except Exception as e:
+            await _settle(upload)
+            return self._broken(e)
+
+    async def _with_upload(self, upload: asyncio.Task) -> bool:
+        """The response is read while the request body still goes up; whichever side
+        fails first ends the exchange at once."""
+        down = asyncio.ensure_future(self._download(upload))
+        try:
+            await asyncio.wait({down, upload}, return_when=asyncio.FIRST_COMPLETED)
+            if not down.done():  # the body is up (or the client failed): the response next
+                if upload.exception() is not None:
+                    raise upload.exception()  # type: ignore[misc]
+                await down
+        except BaseException:
+            await _settle(down)
+            raise
+        keep = down.result()
+        if not upload.done():  # the response ended before the request body: close both
+            await _settle(upload)
+            return False
+        if upload.exception() is not None:
+            raise upload.exception()  # type: ignore[misc]
         return keep
 
-    def _broken(self, up: Upstream, e: BaseException) -> bool:
-        """Something failed mid-exchange: answer if we still can, record, close."""
+    def _broken(self, e: BaseException) -> bool:
+        """Something failed mid-exchange: record it, answer if we still can, close."""
+        up, ctx = self.up, self.ctx
         up.close()
         if isinstance(e, ClientGone):
-            self.cc.error("client", f"client connection lost: {e}", flow=self.flow_id,
-                          address=up.address)
+            ctx.error("client", f"client connection lost: {e}", self.flow_id, up.address)
             return False
         if isinstance(e, StreamTimeout):
             status = 504
-            msg = (
-                f"no response from {up.address} within {self.proxy.cfg.response_timeout:g} s"
-                if not self.sent_head else f"{up.address} stalled mid-response"
-            )
+            msg = (f"no response from {up.address} within {ctx.cfg.response_timeout:g} s"
+                   if self.phase is Phase.REQUEST else f"{up.address} stalled mid-response")
         elif isinstance(e, h11.RemoteProtocolError):
             status, msg = 502, f"malformed response from {up.address}: {e}"
         elif isinstance(e, BadResponse):
@@ -355,63 +236,69 @@ class Exchange:
             status, msg = 502, f"{up.address} closed the connection: {e}"
         else:
             status, msg = 502, f"error talking to {up.address}: {e!r}"
-        self.cc.error("upstream", msg, flow=self.flow_id, address=up.address)
-        if not self.sent_head:
-            self._fail(status, msg)
+        ctx.error("upstream", msg, self.flow_id, up.address)
+        if self.phase is Phase.REQUEST:
+            answer_error(self.h, self.client, status, msg)
         else:
             self.client.abort()
         return False
 
-    async def _upload(self, up: Upstream, ev) -> None:
+    # -- request side --
+    def _client_event(self):
+        try:
+            return self.h.next_event()
+        except h11.RemoteProtocolError as e:
+            raise ClientGone(f"malformed request body: {e}") from None
+
+    async def _upload(self, ev) -> None:
         """Client body -> upstream, streamed."""
-        cfg = self.proxy.cfg
+        up, idle = self.up, self.ctx.cfg.idle_timeout
         while True:
             if ev is h11.NEED_DATA:
                 try:
-                    data = await self.client.read(cfg.idle_timeout)
+                    data = await self.client.read(idle)
                 except (StreamTimeout, ConnectionError) as e:
                     raise ClientGone(f"request body interrupted: {e!r}") from None
                 self.h.receive_data(data)
             elif type(ev) is h11.Data:
                 if self.fl is not None:
                     self.fl.request_data(ev.data)
-                self._to_up(up, ev)
-                try:
+                with TO_UPSTREAM:
+                    send(up.h, up.stream, ev)  # type: ignore[arg-type]
                     await up.stream.drain()
-                except ConnectionError as e:
-                    raise UpstreamGone(str(e)) from None
             elif type(ev) is h11.EndOfMessage:
-                self._to_up(up, ev)
+                with TO_UPSTREAM:
+                    send(up.h, up.stream, ev)  # type: ignore[arg-type]
                 return
             elif type(ev) is h11.ConnectionClosed:
                 raise ClientGone("closed before the request body ended")
             ev = self._client_event()
 
-    async def _read_up(self, up: Upstream, timeout: float):
-        try:
-            ev = await next_event(up.h, up.stream, timeout)  # type: ignore[arg-type]
-        except ConnectionError as e:
-            raise UpstreamGone(str(e) or "connection reset") from None
+    # -- response side --
+    def _to_client(self, event) -> None:
+        with TO_CLIENT:
+            send(self.h, self.client, event)
+
+    async def _read_up(self, timeout: float):
+        with TO_UPSTREAM:
+            ev = await next_event(self.up.h, self.up.stream, timeout)  # type: ignore[arg-type]
         if type(ev) is h11.ConnectionClosed:
             raise UpstreamGone("connection closed before the response ended")
         return ev
 
-    async def _download(self, up: Upstream, upgrade: bool,
-                        upload: asyncio.Task | None) -> bool:
+    async def _download(self, upload: asyncio.Task | None) -> bool:
         """Upstream response -> client, streamed. Returns keep-alive."""
-        client, cfg = self.client, self.proxy.cfg
-        uh = up.h
-        assert uh is not None
+        cfg = self.ctx.cfg
         while True:
             try:
-                ev = await self._read_up(up, cfg.response_timeout)
+                ev = await self._read_up(cfg.response_timeout)
             except StreamTimeout:
                 if upload is not None and not upload.done():
                     continue  # the body is still going up: the wait counts from its end
                 raise
             if type(ev) is h11.InformationalResponse:
-                if ev.status_code == 101 and upgrade:
-                    await self._switch(up, ev)
+                if ev.status_code == 101 and self.upgrade:
+                    await self._switch(ev)
                     return False
                 if self.req.http_version != b"1.0" and ev.status_code != 101:
                     self._to_client(h11.InformationalResponse(
@@ -421,28 +308,69 @@ class Exchange:
             break
         resp: h11.Response = ev
         rh = list(resp.headers.raw_items())
-        if hdr.header_value(rh, b"transfer-encoding") is not None and \
-                hdr.header_value(rh, b"content-length") is not None:
-            raise BadResponse(f"{up.address} sent both Content-Length and Transfer-Encoding")
+        if hdr.framing_conflict(rh):
+            raise BadResponse(f"{self.up.address} sent both Content-Length and "
+                              "Transfer-Encoding")
         self.status = resp.status_code
         self._to_client(h11.Response(status_code=resp.status_code,
                                      headers=hdr.forwardable(rh), reason=resp.reason,
                                      _parsed=True))
-        self.sent_head = True
-        length = _plain_length(self.req.method, resp.status_code, rh)
+        self.phase = Phase.RESPONSE
+        length = hdr.body_length(self.req.method, resp.status_code, rh)
         if length is not None:
-            return await self._raw_body(up, resp, rh, length)
-        trailers: list = []
+            await self._copy_body(length)
+            keep_up = resp.http_version >= b"1.1" and not hdr.has_token(
+                rh, b"connection", b"close")
+        else:
+            await self._h11_body(rh)
+            keep_up = None
+        self._finish(resp.reason, rh, keep_up)
+        return True
+
+    async def _copy_body(self, length: int) -> None:
+        """A body of known length, copied from the upstream socket to the client as read.
+
+        h11 would copy every chunk three times (into its buffer, out of it, into the
+        output); here the bytes go straight through. h11 still sees each chunk on the
+        client side (no copy) so its state stays exact; the upstream side, whose state
+        would only be discarded, gets a fresh h11 connection when the exchange ends.
+        """
+        h, client, up, fl = self.h, self.client, self.up, self.fl
+        idle = self.ctx.cfg.idle_timeout
+        left = length
+        data, _ = up.h.trailing_data  # type: ignore[union-attr]  # body read with the head
+        while left:
+            if not data:
+                with TO_UPSTREAM:
+                    data = await up.stream.read(idle)
+                if not data:
+                    raise UpstreamGone("connection closed before the response ended")
+            if len(data) > left:  # more than announced: never reuse this connection
+                data = data[:left]
+                self._overrun = True
+            left -= len(data)
+            if fl is not None:
+                fl.response_data(data)
+            with TO_CLIENT:
+                for piece in h.send_with_data_passthrough(h11.Data(data=data)):  # type: ignore
+                    client.write(piece)
+                await client.drain()
+            data = b""
+        self._to_client(h11.EndOfMessage())
+
+    _overrun = False
+
+    async def _h11_body(self, rh: list) -> None:
+        """A chunked or close-delimited body, through h11 (trailers kept)."""
+        idle, fl, client = self.ctx.cfg.idle_timeout, self.fl, self.client
         while True:
-            ev = await self._read_up(up, cfg.idle_timeout)
+            ev = await self._read_up(idle)
             if type(ev) is h11.Data:
-                if self.fl is not None:
-                    self.fl.response_data(ev.data)
+                if fl is not None:
+                    fl.response_data(ev.data)
                 self._to_client(ev)
-                try:
+                with TO_CLIENT:
                     await client.drain()
-                except ConnectionError as e:
-                    raise ClientGone(str(e)) from None
             elif type(ev) is h11.EndOfMessage:
                 trailers = list(ev.headers.raw_items())
                 break
@@ -452,103 +380,51 @@ class Exchange:
                 rh, b"transfer-encoding", b"chunked"):
             trailers = []
         self._to_client(h11.EndOfMessage(headers=trailers))
-        self._respond_event(resp.reason, rh)
-        if uh.our_state is h11.DONE and uh.their_state is h11.DONE:
-            uh.start_next_cycle()
-        else:
-            up.close()
-        return True
 
-    async def _raw_body(self, up: Upstream, resp: h11.Response, rh: list, length: int) -> bool:
-        """A Content-Length body, copied from the upstream socket to the client as read.
-
-        h11 would copy every chunk three times (into its buffer, out of it, into the
-        output); here the bytes go straight through. h11 still sees each chunk on the
-        client side (no copy) so its state stays exact; the upstream side, whose state
-        would only be discarded, gets a fresh h11 connection when the exchange ends.
-        """
-        h, client, idle = self.h, self.client, self.proxy.cfg.idle_timeout
-        fl = self.fl
-        left = length
-        reusable = True
-        data, _ = up.h.trailing_data  # type: ignore[union-attr]  # body bytes read with the head
-        while left:
-            if not data:
-                try:
-                    data = await up.stream.read(idle)
-                except ConnectionError as e:
-                    raise UpstreamGone(str(e) or "connection reset") from None
-                if not data:
-                    raise UpstreamGone("connection closed before the response ended")
-            if len(data) > left:  # more than announced: never reuse this connection
-                data = data[:left]
-                reusable = False
-            left -= len(data)
-            if fl is not None:
-                fl.response_data(data)
-            try:
-                for piece in h.send_with_data_passthrough(h11.Data(data=data)):  # type: ignore
-                    client.write(piece)
-                await client.drain()
-            except ConnectionError as e:
-                raise ClientGone(str(e)) from None
-            data = b""
-        self._to_client(h11.EndOfMessage())
-        self._respond_event(resp.reason, rh)
-        if reusable and resp.http_version >= b"1.1" and not hdr.has_token(
-                rh, b"connection", b"close"):
+    def _finish(self, reason: bytes, rh: list, keep_up: bool | None) -> None:
+        """Record the response; keep the upstream connection for the next request if it
+        can carry one (keep_up None: as h11 says)."""
+        self.phase = Phase.DONE
+        if self.fl is not None:
+            self.fl.respond(self.status, reason.decode("latin-1"), rh)
+        up = self.up
+        uh = up.h
+        assert uh is not None
+        if keep_up is None:
+            if uh.our_state is h11.DONE and uh.their_state is h11.DONE:
+                uh.start_next_cycle()
+                return
+        elif keep_up and not self._overrun:
             up.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        else:
-            up.close()
-        return True
+            return
+        up.close()
 
-    async def _switch(self, up: Upstream, ev: h11.InformationalResponse) -> None:
+    async def _switch(self, ev: h11.InformationalResponse) -> None:
         """101 Switching Protocols: answer the client, then relay bytes both ways."""
+        up = self.up
         rh = list(ev.headers.raw_items())
         send(self.h, self.client, h11.InformationalResponse(
             status_code=101, headers=hdr.forwardable(rh, keep_upgrade=True), reason=ev.reason))
         self.status = 101
-        self.sent_head = True
-        self._respond_event(ev.reason, rh)
+        self.phase = Phase.UPGRADED
+        if self.fl is not None:
+            self.fl.respond(101, ev.reason.decode("latin-1"), rh)
         self.client.unread(self.h.trailing_data[0])
         up.stream.unread(up.h.trailing_data[0])  # type: ignore[union-attr]
-        relay = Relay(self.client, up.stream, self.proxy.cfg.idle_timeout)
+        relay = Relay(self.client, up.stream, self.ctx.cfg.idle_timeout)
         try:
             await relay.run()
         except Exception as e:  # reset or idle: the upgraded connection is over
-            self.cc.error("upstream", f"upgraded connection ended: {e}", flow=self.flow_id,
-                          address=up.address)
+            self.ctx.error("upstream", f"upgraded connection ended: {e}", self.flow_id,
+                           up.address)
         finally:
             up.close()
 
-    def _respond_event(self, reason: bytes, rh: list) -> None:
-        if self.fl is not None:
-            self.fl.respond(self.status, reason.decode("latin-1"), rh)  # type: ignore[arg-type]
 
-    # -- local answers --
-    def _fail(self, status: int, message: str) -> None:
-        answer_error(self.h, self.client, status, message)
-
-    def _reply_407(self) -> bool:
-        answer_error(self.h, self.client, 407, "Proxy authentication required", AUTH_CHALLENGE)
-        return False
-
-
-def _plain_length(method: bytes, status: int, rh: list) -> int | None:
-    """The body length when a response body is exactly Content-Length bytes, else None."""
-    if method == b"HEAD" or status < 200 or status in (204, 304):
-        return None
-    if hdr.header_value(rh, b"transfer-encoding") is not None:
-        return None
-    value = hdr.header_value(rh, b"content-length")
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value)
-
-
-class UpstreamGone(ConnectionError):
-    """The upstream connection closed or reset mid-exchange."""
-
-
-class BadResponse(Exception):
-    pass
+async def _settle(task: asyncio.Future | None) -> None:
+    """Cancel a helper task and collect its outcome (no "exception never retrieved")."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -12,8 +12,6 @@ import asyncio
 import gc
 import ssl
 from collections import deque
-from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -24,12 +22,10 @@ import h2.settings
 import hyperframe.frame
 
 from dumpproxy import headers as hdr
+from dumpproxy.context import Context
 from dumpproxy.flows import Flow
 from dumpproxy.streams import Stream, StreamTimeout
-
-if TYPE_CHECKING:
-    from dumpproxy.proxy import ClientConn
-    from dumpproxy.upstream import Upstream
+from dumpproxy.upstream import Upstream
 
 # h2 formats repr(frame) for every frame it receives, even with logging off
 # (H2Connection._receive_frame); for DATA that serializes and hex-encodes the whole
@@ -39,8 +35,6 @@ hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"
 STREAM_WINDOW = 1024 * 1024  # per-stream receive window we grant
 CONNECTION_WINDOW = 4 * 1024 * 1024  # and per connection: the most we ever buffer
 MAX_STREAMS = 128
-# Connection-specific fields may not appear in HTTP/2 (RFC 9113 8.2.2).
-H2_FORBIDDEN = hdr.HOP_BY_HOP | {b"transfer-encoding", b"host"}
 
 
 class Pending:
@@ -98,16 +92,7 @@ def _pseudo(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 
 
 def _forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    out = []
-    for n, v in headers:
-        if n == b"te":  # hop-by-hop, but `te: trailers` is allowed (and needed) in HTTP/2
-            if v.strip().lower() == b"trailers":
-                out.append((n, v))
-            continue
-        if n in H2_FORBIDDEN:
-            continue
-        out.append((n, v))
-    return out
+    return hdr.forwardable(headers, http2=True)
 
 
 def _check_frame_header(conn: h2.connection.H2Connection) -> None:
@@ -128,9 +113,8 @@ def _check_frame_header(conn: h2.connection.H2Connection) -> None:
 
 
 class H2Bridge:
-    def __init__(self, cc: ClientConn, client: Stream, up: Upstream, scheme: str, host: str):
-        self.cc = cc
-        self.proxy = cc.proxy
+    def __init__(self, ctx: Context, client: Stream, up: Upstream, scheme: str, host: str):
+        self.ctx = ctx
         self.up = up
         self.scheme = scheme
         self.host = host  # as the HTTP/1 bridge names it: the SNI, else the CONNECT host
@@ -178,7 +162,7 @@ class H2Bridge:
             gc.collect()
 
     async def _loop(self, side: Side) -> None:
-        idle = self.proxy.cfg.idle_timeout
+        idle = self.ctx.cfg.idle_timeout
         while True:
             try:
                 data = await side.stream.read(idle)
@@ -188,13 +172,13 @@ class H2Bridge:
             except ConnectionError as e:
                 self._finish_forwarded(side)
                 if self.by_client:  # a reset with nothing in flight is just a close
-                    self.cc.error("http2", f"{side.name} connection lost: {e}",
+                    self.ctx.error("http2", f"{side.name} connection lost: {e}",
                                   address=self.up.address)
                 return
             if not data:
                 self._finish_forwarded(side)
                 if self.by_client:
-                    self.cc.error("http2", f"{side.name} closed the connection with "
+                    self.ctx.error("http2", f"{side.name} closed the connection with "
                                   f"{len(self.by_client)} stream(s) open", address=self.up.address)
                 side.peer.conn.close_connection()
                 side.peer.flush()
@@ -205,7 +189,7 @@ class H2Bridge:
                 events = side.conn.receive_data(data)
                 _check_frame_header(side.conn)
             except h2.exceptions.ProtocolError as e:
-                self.cc.error("http2", f"protocol error from the {side.name}: {e}",
+                self.ctx.error("http2", f"protocol error from the {side.name}: {e}",
                               address=self.up.address)
                 side.flush()  # h2 queued a GOAWAY for the offender
                 side.peer.conn.close_connection()
@@ -222,12 +206,12 @@ class H2Bridge:
                 await side.peer.stream.drain()
                 await side.stream.drain()
             except ConnectionError as e:
-                self.cc.error("http2", f"connection lost while writing: {e}",
+                self.ctx.error("http2", f"connection lost while writing: {e}",
                               address=self.up.address)
                 return
 
     def _goaway_both(self, message: str) -> None:
-        self.cc.error("http2", message, address=self.up.address)
+        self.ctx.error("http2", message, address=self.up.address)
         for s in (self.client, self.server):
             s.conn.close_connection()
             s.flush()
@@ -262,7 +246,7 @@ class H2Bridge:
             self._reset(side, ev)
         elif t is h2.events.ConnectionTerminated:
             if ev.error_code != h2.errors.ErrorCodes.NO_ERROR or self.by_client:
-                self.cc.error("http2", f"{side.name} sent GOAWAY ({ev.error_code!s}, "
+                self.ctx.error("http2", f"{side.name} sent GOAWAY ({ev.error_code!s}, "
                               f"last stream {ev.last_stream_id})", address=self.up.address)
             side.peer.conn.close_connection()
             return False
@@ -273,8 +257,8 @@ class H2Bridge:
         pseudo = _pseudo(headers)
         method = pseudo.get(b":method", b"").decode("latin-1")
         path = pseudo.get(b":path", b"/").decode("latin-1")
-        self.proxy.stats_requests += 1
-        flow = Flow(self.cc, method, self.scheme, self.host, self.up.port, path,
+        self.ctx.services.stats.requests += 1
+        flow = Flow(self.ctx, method, self.scheme, self.host, self.up.port, path,
                     "HTTP/2.0", _regular(headers))
         out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
             _regular(headers))
@@ -283,7 +267,7 @@ class H2Bridge:
             up_id = up_conn.get_next_available_stream_id()
             up_conn.send_headers(up_id, out, end_stream=ev.stream_ended is not None)
         except (h2.exceptions.ProtocolError, h2.exceptions.NoAvailableStreamIDError) as e:
-            self.cc.error("http2", f"cannot open an upstream stream: {e}", flow=flow.flow,
+            self.ctx.error("http2", f"cannot open an upstream stream: {e}", flow=flow.flow,
                           address=self.up.address)
             self.client.conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
@@ -416,11 +400,7 @@ class H2Bridge:
     def _finish(self, pair: H2Stream) -> None:
         """The response is complete towards the client: record it, forget the pair."""
         if pair.flow is not None:
-            try:
-                reason = HTTPStatus(pair.status).phrase
-            except ValueError:
-                reason = ""
-            pair.flow.respond(pair.status, reason, pair.resp_headers)
+            pair.flow.respond(pair.status, hdr.reason_phrase(pair.status), pair.resp_headers)
             pair.flow = None
         self._drop(self.server, pair.up_id, pair.client_id)  # upload the origin did not read
         self.by_client.pop(pair.client_id, None)
@@ -442,10 +422,8 @@ class H2Bridge:
         q = self.client.pending.get(pair.client_id)
         if q is not None and q.chunks:
             return False
-        if pair.flow.method == "HEAD" or pair.status in (204, 304):
-            return True
-        cl = hdr.header_value(pair.resp_headers, b"content-length")
-        return cl is not None and cl.strip().isdigit() and int(cl) == pair.flow.response_bytes
+        length = hdr.body_length(pair.flow.method, pair.status, pair.resp_headers)
+        return length is not None and length == pair.flow.response_bytes
 
     def _reset(self, side: Side, ev: h2.events.StreamReset) -> None:
         pair = (self.by_client if side is self.client else self.by_up).get(ev.stream_id)
@@ -465,13 +443,13 @@ class H2Bridge:
         self.by_client.pop(pair.client_id, None)
         self.by_up.pop(pair.up_id, None)
         name = getattr(code, "name", str(code))
-        self.cc.error("http2", f"{side.name} reset the stream ({name})",
+        self.ctx.error("http2", f"{side.name} reset the stream ({name})",
                       flow=flow.flow if flow else None, address=self.up.address)
 
     def _abandon_open_streams(self) -> None:
         for pair in list(self.by_client.values()):
             if pair.flow is not None:
-                self.cc.error("http2", "connection closed before the response ended",
+                self.ctx.error("http2", "connection closed before the response ended",
                               flow=pair.flow.flow, address=self.up.address)
                 pair.flow = None
         self.by_client.clear()

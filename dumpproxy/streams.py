@@ -12,6 +12,9 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from typing import Literal
+
+from dumpproxy.schema import Tls
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # pause reading from a socket whose data nobody consumes
@@ -309,10 +312,9 @@ class TLSStream(Stream):
     def abort(self) -> None:
         self.inner.abort()
 
-    def info(self) -> dict:
+    def event(self, side: Literal["client", "server"], address: str, sni: str | None) -> Tls:
+        """The `tls` event's fields for this completed handshake (both sides use this)."""
         cipher = self.ssl.cipher()
-        return {
-            "alpn": self.ssl.selected_alpn_protocol(),
-            "version": self.ssl.version(),
-            "cipher": cipher[0] if cipher else None,
-        }
+        return Tls(side=side, address=address, sni=sni,
+                   alpn=self.ssl.selected_alpn_protocol(), version=self.ssl.version(),
+                   cipher=cipher[0] if cipher else None)

@@ -1,8 +1,9 @@
-"""A tunnel: a client stream with a known destination and an open upstream connection.
+"""Tunnels: CONNECT answered, then the path every mode shares once the destination is known.
 
-This is the one path every mode shares once the destination is known (CONNECT today;
-SOCKS5, transparent and reverse later): peek at the client's first bytes, decide, then
-either relay verbatim (passthrough) or intercept (TLS termination and/or the HTTP bridge).
+A tunnel is a client stream with a known destination and an open upstream connection
+(CONNECT today; SOCKS5, transparent and reverse later): peek at the client's first bytes,
+decide, then either relay verbatim (passthrough) or intercept (TLS termination, then the
+HTTP/1 or HTTP/2 bridge).
 """
 
 from __future__ import annotations
@@ -10,19 +11,19 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import TYPE_CHECKING
 
 import h11
 
+from dumpproxy import auth
+from dumpproxy.addresses import join_host_port, split_host_port
 from dumpproxy.clienthello import Peek, classify
+from dumpproxy.context import Context
 from dumpproxy.hostfilter import candidates
-from dumpproxy.http1 import Target, error_response, next_event, send, serve_http1
+from dumpproxy.http1 import answer_error, error_response, next_event, send
+from dumpproxy.http1_server import Connect, Target, serve_http1
 from dumpproxy.relay import Relay
 from dumpproxy.streams import SocketStream, StreamTimeout, TLSStream
 from dumpproxy.upstream import Upstream, UpstreamError
-
-if TYPE_CHECKING:
-    from dumpproxy.proxy import ClientConn
 
 HTTP1_ALPN = "http/1.1"
 H2_ALPN = "h2"
@@ -45,10 +46,49 @@ def client_tls_message(e: BaseException, ca_path: str) -> str:
             f"certificate, {hint}")
 
 
+async def serve_connect(ctx: Context, client: SocketStream, connect: Connect) -> None:
+    """CONNECT: check credentials and target, connect upstream first, answer 200, then run
+    the tunnel."""
+    h, req = connect.h, connect.request
+    services = ctx.services
+    reply = None
+    if services.auth is not None and not services.auth.check_basic(
+            list(req.headers.raw_items())):
+        ctx.error("auth", "proxy authentication required")
+        reply = (407, "Proxy authentication required")
+    else:
+        try:
+            host, port = split_host_port(req.target.decode("latin-1"))
+        except ValueError as e:
+            ctx.error("http", f"bad CONNECT target: {e}")
+            reply = (400, f"Bad CONNECT target: {e}")
+        else:
+            try:
+                up = await ctx.open_upstream(host, port)
+            except UpstreamError as e:
+                ctx.error(e.stage, e.message, address=join_host_port(host, port))  # type: ignore
+                reply = (e.status, e.message)
+    if reply is not None:
+        status, message = reply
+        answer_error(h, client, status, message, auth.CHALLENGE if status == 407 else ())
+        return
+    try:
+        send(h, client, h11.Response(status_code=200, headers=[],
+                                     reason=b"Connection established"))
+    except ConnectionError:
+        up.close()
+        return
+    client.unread(h.trailing_data[0])
+    try:
+        await Tunnel(ctx, client, up, host, port).run()
+    finally:
+        up.close()
+
+
 class Tunnel:
-    def __init__(self, cc: ClientConn, client: SocketStream, up: Upstream, host: str, port: int):
-        self.cc = cc
-        self.proxy = cc.proxy
+    def __init__(self, ctx: Context, client: SocketStream, up: Upstream, host: str, port: int):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
         self.client = client
         self.up = up
         self.host = host
@@ -58,7 +98,7 @@ class Tunnel:
         """Read the client's first bytes: until classify() is complete, EOF or the timeout."""
         data = b""
         peek = classify(data)
-        deadline = time.monotonic() + self.proxy.cfg.peek_timeout
+        deadline = time.monotonic() + self.cfg.peek_timeout
         while not peek.complete:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -74,15 +114,14 @@ class Tunnel:
         return data, peek
 
     async def run(self) -> None:
-        hf = self.proxy.filter
-        if hf.empty:  # nothing could change the outcome: decide without waiting
-            decision = self.cc.decide(
+        if self.ctx.services.filter.empty:  # nothing could change the outcome: decide now
+            decision = self.ctx.decide(
                 self.host, self.port, candidates(self.host, self.port, ip=self.up.ip_host), None
             )
             data, peek = await self._peek()  # still needed: TLS or plaintext, and the SNI
         else:
             data, peek = await self._peek()
-            decision = self.cc.decide(
+            decision = self.ctx.decide(
                 self.host, self.port,
                 candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni,
                            host_header=peek.host),
@@ -95,23 +134,23 @@ class Tunnel:
             await self.intercept_tls(peek)
         else:
             target = Target("http", self.host, self.port, self.up)
-            await serve_http1(self.cc, self.client, target)
+            await serve_http1(self.ctx, self.client, target)
 
     async def relay(self) -> None:
-        relay = Relay(self.client, self.up.stream, self.proxy.cfg.idle_timeout)
+        relay = Relay(self.client, self.up.stream, self.cfg.idle_timeout)
         try:
             await relay.run()
         except (ConnectionError, OSError) as e:
-            self.cc.error("relay", f"tunnel to {self.up.address} reset: {e}",
+            self.ctx.error("relay", f"tunnel to {self.up.address} reset: {e}",
                           address=self.up.address)
         except Exception as e:
-            self.cc.error("relay", f"tunnel to {self.up.address} closed: {e}",
+            self.ctx.error("relay", f"tunnel to {self.up.address} closed: {e}",
                           address=self.up.address)
         finally:
             self.up.close()
 
     async def intercept_tls(self, peek: Peek) -> None:
-        cfg = self.proxy.cfg
+        ctx, cfg = self.ctx, self.cfg
         server_name = peek.sni or self.host
         offered = peek.alpn
         # ALPN is settled upstream first, so that both sides speak the same protocol.
@@ -122,31 +161,29 @@ class Tunnel:
             chosen = tls.ssl.selected_alpn_protocol()
         except UpstreamError as e:
             upstream_error = e
-            self.cc.error(e.stage, e.message, address=self.up.address)
+            ctx.error(e.stage, e.message, address=self.up.address)  # type: ignore[arg-type]
             self.up.close()
             chosen = None
         client_alpn = (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
-        ctx = self.proxy.certs.server_context(server_name, client_alpn)
+        certs = ctx.services.certs
+        server_ctx = certs.server_context(server_name, client_alpn)
         try:
-            ctls = await TLSStream.handshake(self.client, ctx, server_side=True,
+            ctls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
                                              timeout=cfg.peek_timeout)
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
-            self.cc.error("client_tls", client_tls_message(e, self.proxy.certs.ca.cert_path),
-                          address=self.up.address)
+            ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
+                      address=self.up.address)
             self.up.close()
             return
-        self.proxy.emit(
-            "tls", {"side": "client", "address": self.up.address, "sni": peek.sni, **ctls.info()},
-            self.cc,
-        )
+        ctx.emit("tls", ctls.event("client", self.up.address, peek.sni))
         if upstream_error is not None:
-            await answer_with_error(self.cc, ctls, upstream_error)
+            await answer_with_error(ctx, ctls, upstream_error)
             return
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
 
             try:
-                await H2Bridge(self.cc, ctls, self.up, "https", server_name).run()
+                await H2Bridge(ctx, ctls, self.up, "https", server_name).run()
             finally:
                 self.up.close()
             return
@@ -154,16 +191,16 @@ class Tunnel:
         alpn = (HTTP1_ALPN,) if HTTP1_ALPN in offered else ()
         target = Target("https", server_name, self.port, self.up, (server_name, alpn))
         try:
-            await serve_http1(self.cc, ctls, target)
+            await serve_http1(ctx, ctls, target)
         finally:
             target.upstream.close()
 
 
-async def answer_with_error(cc: ClientConn, stream, err: UpstreamError) -> None:
+async def answer_with_error(ctx: Context, stream, err: UpstreamError) -> None:
     """Give the client's first request a readable error (e.g. upstream TLS failed)."""
     h = h11.Connection(h11.SERVER)
     try:
-        ev = await next_event(h, stream, cc.proxy.cfg.client_idle_timeout)
+        ev = await next_event(h, stream, ctx.cfg.client_idle_timeout)
         if type(ev) is h11.Request:
             for event in error_response(err.status, err.message):
                 send(h, stream, event)

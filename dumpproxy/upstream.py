@@ -1,8 +1,9 @@
-"""Upstream connections: TCP to the destination (the part a mode may change), TLS on top.
+"""Upstream connections: how a connection to a destination is made, and TLS on top.
 
-An `Upstream` is one connection to a destination with its `server_connect` /
-`server_disconnect` events. How the TCP connection is made is the only mode-specific
-step (`Connector`); everything above it is shared.
+A `Connector` is the one piece a mode swaps: it makes the TCP connection (directly in
+regular mode) and holds the verified client-side TLS contexts. An `Upstream` is one open
+connection to a destination, with its `server_connect` / `server_disconnect` / `tls`
+events written through the emit function of the client connection that owns it.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import os
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from dumpproxy.certs import is_ip
-from dumpproxy.hostfilter import join_host_port
+import h11
+
+from dumpproxy.addresses import is_ip, join_host_port
+from dumpproxy.config import Config
+from dumpproxy.schema import ServerConnect, ServerDisconnect
 from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
 
-if TYPE_CHECKING:
-    import h11
-
-    from dumpproxy.proxy import ClientConn
+Emit = Callable[[str, dict], object]
+TLSRequest = tuple[str, tuple[str, ...]]  # (server name, ALPN offer)
 
 
 class UpstreamError(Exception):
@@ -39,7 +41,7 @@ class UpstreamError(Exception):
 
 
 async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
-    """Regular mode's connector: a direct TCP connection."""
+    """A direct TCP connection, failures as UpstreamError."""
     loop = asyncio.get_running_loop()
     try:
         _, proto = await asyncio.wait_for(
@@ -74,11 +76,63 @@ def describe_tls_error(e: BaseException, host: str) -> str:
     return f"TLS handshake with {host} failed: {e or type(e).__name__}"
 
 
+def make_upstream_context(cfg: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if cfg.upstream_ca:
+        ctx.load_verify_locations(cafile=cfg.upstream_ca)
+    if cfg.ssl_insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Connector:
+    """Regular mode's way to a destination: a direct TCP connection, verified TLS.
+
+    A mode that reaches destinations differently (through another proxy) replaces `tcp`.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+
+    async def tcp(self, host: str, port: int) -> SocketStream:
+        return await tcp_connect(host, port, self.cfg.connect_timeout)
+
+    def tls_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        ctx = self._contexts.get(alpn)
+        if ctx is None:
+            ctx = make_upstream_context(self.cfg)
+            if alpn:
+                ctx.set_alpn_protocols(list(alpn))
+            self._contexts[alpn] = ctx
+        return ctx
+
+    async def open(self, emit: Emit, host: str, port: int, tls: TLSRequest | None = None,
+                   on_close: Callable[[Upstream], None] | None = None) -> Upstream:
+        """Connect (and with tls, handshake) to host:port; events go through emit."""
+        started = time.monotonic()
+        sock = await self.tcp(host, port)
+        up = Upstream(self, emit, sock, host, port, on_close)
+        emit("server_connect", ServerConnect(
+            address=up.address, ip=up.ip,
+            connect_ms=round((time.monotonic() - started) * 1000, 3)))
+        if tls is not None:
+            try:
+                await up.start_tls(*tls)
+            except UpstreamError:
+                up.close()
+                raise
+        return up
+
+
 class Upstream:
     """One connection to a destination, owned by a client connection."""
 
-    def __init__(self, cc: ClientConn, sock: SocketStream, host: str, port: int):
-        self.cc = cc
+    def __init__(self, connector: Connector, emit: Emit, sock: SocketStream, host: str,
+                 port: int, on_close: Callable[[Upstream], None] | None = None):
+        self.connector = connector
+        self.emit = emit
         self.sock = sock
         self.stream: Stream = sock
         self.host = host
@@ -90,51 +144,24 @@ class Upstream:
         self.tls: TLSStream | None = None
         self.h: h11.Connection | None = None  # the HTTP/1 client state, set by the bridge
         self.closed = False
-
-    @classmethod
-    async def open(cls, cc: ClientConn, host: str, port: int,
-                   tls: tuple[str, tuple[str, ...]] | None = None) -> Upstream:
-        """Connect (and with tls=(server name, ALPN offer), handshake) to host:port."""
-        started = time.monotonic()
-        sock = await cc.proxy.connect(host, port)
-        up = cls(cc, sock, host, port)
-        cc.proxy.emit(
-            "server_connect",
-            {
-                "address": up.address,
-                "ip": up.ip,
-                "connect_ms": round((time.monotonic() - started) * 1000, 3),
-            },
-            cc,
-        )
-        cc.upstreams.add(up)
-        if tls is not None:
-            try:
-                await up.start_tls(*tls)
-            except UpstreamError:
-                up.close()
-                raise
-        return up
+        self._on_close = on_close
 
     async def start_tls(self, server_name: str, alpn: tuple[str, ...]) -> TLSStream:
         """Client-side TLS with the destination, verified per configuration."""
         # No session resumption: reading SSLObject.session leaks its session on
         # CPython 3.11 / OpenSSL 3.0 (some 6 KiB per call), a leak per connection.
-        proxy = self.cc.proxy
-        ctx = proxy.upstream_context(alpn)
+        ctx = self.connector.tls_context(alpn)
         try:
             tls = await TLSStream.handshake(
                 self.sock, ctx, server_side=False, server_hostname=server_name,
-                timeout=proxy.cfg.connect_timeout,
+                timeout=self.connector.cfg.connect_timeout,
             )
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
             raise UpstreamError("server_tls", describe_tls_error(e, server_name)) from None
         self.tls = tls
         self.stream = tls
         sni = None if is_ip(server_name) else server_name  # no SNI is sent for IPs
-        self.cc.proxy.emit(
-            "tls", {"side": "server", "address": self.address, "sni": sni, **tls.info()}, self.cc
-        )
+        self.emit("tls", tls.event("server", self.address, sni))
         return tls
 
     @property
@@ -146,14 +173,8 @@ class Upstream:
             return
         self.closed = True
         self.sock.close()
-        self.cc.upstreams.discard(self)
-        self.cc.proxy.emit(
-            "server_disconnect",
-            {
-                "address": self.address,
-                "ip": self.ip,
-                "bytes_sent": self.sock.bytes_out,
-                "bytes_received": self.sock.bytes_in,
-            },
-            self.cc,
-        )
+        if self._on_close is not None:
+            self._on_close(self)
+        self.emit("server_disconnect", ServerDisconnect(
+            address=self.address, ip=self.ip, bytes_sent=self.sock.bytes_out,
+            bytes_received=self.sock.bytes_in))

@@ -28,6 +28,76 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# --- every event line any test sees is checked against `dumpproxy --schema` -----------------
+
+
+class EventSchemaCheck:
+    """Validates event lines with a real validator (jsonschema) and checks their key order
+    against the typed definitions; failures are collected and fail the test that saw them."""
+
+    def __init__(self) -> None:
+        from jsonschema import Draft202012Validator
+
+        from dumpproxy.schema import event_fields, json_schema
+
+        schema = json_schema()
+        Draft202012Validator.check_schema(schema)
+        self.whole = Draft202012Validator(schema)
+        # One validator per event (the oneOf of the whole schema, without trying all eleven)
+        self.by_event = {
+            name: Draft202012Validator({**sub, "$defs": schema["$defs"]})
+            for name, sub in schema["$defs"].items()
+        }
+        self.order = {name: event_fields(name) for name in schema["$defs"]}
+        self.validated = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+
+    def check(self, ev: dict, line: str = "") -> dict:
+        problems = []
+        validator = self.by_event.get(ev.get("event"))  # type: ignore[arg-type]
+        if validator is None:
+            problems.append(f"unknown event {ev.get('event')!r}")
+        else:
+            problems += [e.message for e in validator.iter_errors(ev)]
+            order = [k for k in self.order[ev["event"]] if k in ev]
+            if list(ev) != order:
+                problems.append(f"keys out of order: {list(ev)} (defined: {order})")
+        with self._lock:
+            self.validated += 1
+            if problems:
+                self.failures.append(f"{line or ev}: {'; '.join(problems)}")
+        return ev
+
+    def line(self, line: str) -> dict:
+        return self.check(json.loads(line), line.rstrip("\n"))
+
+
+SCHEMA_CHECK = EventSchemaCheck()
+
+
+def parse_events(text: str | bytes) -> list[dict]:
+    """Event lines (JSON Lines output of dumpproxy) parsed and checked against the schema."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    return [SCHEMA_CHECK.line(line) for line in text.splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _events_match_schema():
+    """A test fails when any event line it made dumpproxy write breaks the schema."""
+    before = len(SCHEMA_CHECK.failures)
+    yield
+    new = SCHEMA_CHECK.failures[before:]
+    assert not new, "events that do not match the schema:\n" + "\n".join(new[:20])
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line(
+        f"event schema: {SCHEMA_CHECK.validated} event lines validated, "
+        f"{len(SCHEMA_CHECK.failures)} failed")
+
+
 # --- dumpproxy under test --------------------------------------------------------------
 
 
@@ -58,6 +128,7 @@ class DumpProxy:
             self.proc.stdin.write(stdin)
             self.proc.stdin.close()
         self.lines: list[str] = []
+        self._arrivals: list[float] = []  # when each line was read (time.time())
         self.events: list[dict] = []
         self._q: queue.Queue = queue.Queue()
         self._cond = threading.Condition()
@@ -75,13 +146,17 @@ class DumpProxy:
 
     def _read(self) -> None:
         for raw in self.proc.stdout:
+            arrived = time.time()
             line = raw.decode()
             with self._cond:
                 self.lines.append(line)
+                self._arrivals.append(arrived)
                 try:
-                    self.events.append(json.loads(line))
+                    ev = json.loads(line)
                 except ValueError:
-                    pass
+                    pass  # --format text, or a test that checks non-JSON output
+                else:
+                    self.events.append(SCHEMA_CHECK.check(ev, line.rstrip("\n")))
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -105,6 +180,14 @@ class DumpProxy:
                         + "".join(self.lines[-40:]) + "\nstderr: " + self._stderr_now()
                     )
                 self._cond.wait(min(left, 0.1))
+
+    def arrival(self, ev: dict) -> float:
+        """When the line of this event (one of self.events) was read from the pipe."""
+        with self._cond:
+            for line, t in zip(self.lines, self._arrivals, strict=True):
+                if line.startswith("{") and json.loads(line) == ev:
+                    return t
+        raise AssertionError(f"no line for {ev}")
 
     def _stderr_now(self) -> str:
         return "(running)" if self.proc.poll() is None else self.stderr.decode(errors="replace")

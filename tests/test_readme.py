@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Origin, curl
+from conftest import ROOT, Origin, curl, parse_events
 
 README = ROOT / "README.md"
 CI_RUN = ROOT / ".ci" / "run"
@@ -142,7 +142,7 @@ def test_ci_capture_recipe_runs(tmp_path, bin_dir, tls_origin, pki):
     assert re.fullmatch(r"\s+1 200\n\s+1 404\n", statuses), out
 
     # the artifact: a fresh capture, complete, with the suite's two exchanges
-    events = [json.loads(line) for line in (work / "traffic.jsonl").read_text().splitlines()]
+    events = parse_events((work / "traffic.jsonl").read_text())
     kinds = [e["event"] for e in events]
     assert kinds[0] == "listening" and kinds[-1] == "shutdown", kinds
     assert kinds.count("listening") == 1 and "stale" not in kinds
@@ -220,7 +220,7 @@ def test_jq_cookbook_lines_run_on_real_traffic(tmp_path, bin_dir, origin, tls_or
         traffic = capture_traffic(tmp_path, bin_dir, origin, tls_origin, other, pki)
     finally:
         other.close()
-    events = [json.loads(line) for line in traffic.read_text().splitlines()]
+    events = parse_events(traffic.read_text())
     assert events[-1]["event"] == "shutdown"
 
     block = marked_blocks()["jq-cookbook"]

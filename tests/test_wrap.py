@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, DumpProxy, Origin, curl
+from conftest import ROOT, DumpProxy, Origin, curl, parse_events
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
@@ -44,7 +44,7 @@ def wrap(home: Path, *args: str, env: dict[str, str] | None = None
 
 def events_of(data: bytes | str) -> list[dict]:
     text = data.decode() if isinstance(data, bytes) else data
-    return [json.loads(line) for line in text.splitlines()]
+    return parse_events(text)
 
 
 def check_stream(events: list[dict]) -> None:
@@ -151,7 +151,10 @@ def test_output_file_keeps_child_stdout_on_stdout(home, tmp_path, tls_origin, pk
 def test_in_flight_exchange_finishes_after_the_command_exits(home, tls_origin, pki):
     """SPEC §6: when CMD exits, in-flight exchanges finish before `shutdown`."""
     url = tls_origin.url("/slow?n=5", host="localhost")  # 5 bytes, one per 0.2 s
-    script = f"curl -s -o /dev/null {url} & sleep 0.4; exit 5"
+    got = home / "got"
+    # CMD exits as soon as the first body byte has arrived: the exchange is mid-body
+    script = (f"curl -s -N -o {got} {url} & "
+              f"while [ ! -s {got} ]; do sleep 0.01; done; exit 5")
     r = wrap(home, "--upstream-ca", str(pki.ca_path), "--", "sh", "-c", script)
     assert r.returncode == 5, r.stderr
     events = events_of(r.stdout)

@@ -1,0 +1,110 @@
+"""What a connection's handlers are given: the shared services and a per-connection context.
+
+Modelled on mitmproxy's `proxy/context.py`: a few documented attributes, handed down to
+every layer that serves the connection, so that no lower module reaches up to the proxy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from dumpproxy.addresses import join_host_port
+from dumpproxy.auth import ProxyAuth
+from dumpproxy.certs import CertStore
+from dumpproxy.config import Config
+from dumpproxy.events import EventWriter
+from dumpproxy.hostfilter import HostFilter
+from dumpproxy.schema import Decision, Error, Stage
+from dumpproxy.streams import SocketStream
+from dumpproxy.upstream import Connector, TLSRequest, Upstream
+
+
+@dataclass
+class Stats:
+    """The `shutdown` event's counters."""
+
+    connections: int = 0
+    requests: int = 0
+    passthrough: int = 0
+    errors: int = 0
+
+
+class Services:
+    """Run-time services shared by every connection of a run."""
+
+    def __init__(self, cfg: Config, events: EventWriter, hfilter: HostFilter,
+                 certs: CertStore, connector: Connector):
+        self.cfg = cfg  #: the configuration from the command line
+        self.events = events  #: the event writer
+        self.filter = hfilter  #: the host filter; replaced when SIGHUP reloads patterns
+        self.certs = certs  #: the CA and the leaf certificates minted from it
+        self.connector = connector  #: how upstream connections are made (the mode's part)
+        self.auth = ProxyAuth(cfg.proxyauth) if cfg.proxyauth else None  #: --proxyauth
+        self.stats = Stats()
+        self._flows = 0
+
+    def emit(self, event: str, fields: dict | None = None, conn: Context | None = None):
+        """Write one event; `error` is also counted (and told on stderr with -v)."""
+        if event == "error":
+            self.stats.errors += 1
+            if self.cfg.verbosity > 0 and fields is not None:
+                who = f"{conn.client}: " if conn else ""
+                print(f"dumpproxy: {who}{fields['stage']}: {fields['message']}",
+                      file=sys.stderr)
+        return self.events.emit(event, fields, conn)
+
+    def next_flow(self) -> int:
+        """A new exchange number, unique in this run."""
+        self._flows += 1
+        return self._flows
+
+
+class Context:
+    """One client connection: its id and address, its events, decisions and upstreams."""
+
+    def __init__(self, services: Services, stream: SocketStream, cid: int):
+        self.services = services  #: the shared services
+        self.cfg = services.cfg  #: shorthand for services.cfg
+        self.stream = stream  #: the client's socket
+        self.id = cid  #: `conn` in events
+        peer = stream.peername or ("?", 0)
+        self.client = join_host_port(peer[0], peer[1])  #: `client` in events
+        self.started = time.monotonic()
+        self.upstreams: set[Upstream] = set()  #: open upstream connections, closed with it
+
+    def emit(self, event: str, fields: dict | None = None) -> dict:
+        return self.services.emit(event, fields, self)
+
+    def error(self, stage: Stage, message: str, flow: int | None = None,
+              address: str | None = None) -> None:
+        fields = Error(stage=stage, message=message)
+        if flow is not None:
+            fields["flow"] = flow
+        if address is not None:
+            fields["address"] = address
+        self.emit("error", fields)
+
+    def decide(self, host: str, port: int, cands: list[str], sni: str | None):
+        """Decide intercept or passthrough for these candidates; write `decision`."""
+        services = self.services
+        d = services.filter.decide(cands)
+        if d.passthrough:
+            services.stats.passthrough += 1
+        self.emit("decision", Decision(address=join_host_port(host, port), **d.fields(),
+                                       sni=sni))
+        return d
+
+    async def open_upstream(self, host: str, port: int,
+                            tls: TLSRequest | None = None) -> Upstream:
+        """A new connection to host:port (TLS on top when asked), owned by this one."""
+        up = await self.services.connector.open(self.emit, host, port, tls,
+                                                self.upstreams.discard)
+        self.upstreams.add(up)
+        return up
+
+    def close(self) -> None:
+        for up in list(self.upstreams):
+            up.close()
+        self.stream.close()

@@ -1,0 +1,194 @@
+"""Serving HTTP/1 requests from one client stream: what happens before the pump runs.
+
+Two places speak HTTP/1 to clients: the explicit proxy (absolute-form requests, each
+decided on its own, authenticated when `--proxyauth` is set, CONNECT handed back to the
+caller) and an intercepted tunnel (origin-form requests to its fixed destination). For
+each request this module parses the target, checks the framing and the credentials,
+decides, picks the upstream connection, starts the flow record, and hands the exchange to
+the pump in `http1`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+from dumpproxy import auth
+from dumpproxy import headers as hdr
+from dumpproxy.addresses import join_host_port
+from dumpproxy.context import Context
+from dumpproxy.flows import DEFAULT_PORTS, Flow
+from dumpproxy.hostfilter import candidates
+from dumpproxy.http1 import MAX_HEAD, Exchange, answer_error, next_event, protocol_error_text
+from dumpproxy.streams import Stream, StreamTimeout
+from dumpproxy.upstream import TLSRequest, Upstream, UpstreamError
+
+MAX_UPSTREAMS = 8  # per client connection of the explicit proxy (several origins)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Connect:
+    """A CONNECT request, handed back to the caller with the connection it came on."""
+
+    h: h11.Connection
+    request: h11.Request
+
+
+@dataclass
+class Target:
+    """A fixed destination (inside a tunnel): every request goes there."""
+
+    scheme: str
+    host: str  # as named in URLs and events (the SNI, else the CONNECT host)
+    port: int
+    upstream: Upstream  # the current connection; a reconnect goes where it went
+    tls: TLSRequest | None = None  # how to reconnect
+
+    async def connection(self, ctx: Context) -> Upstream:
+        up = self.upstream
+        if not up.reusable:
+            up.close()
+            self.upstream = up = await ctx.open_upstream(up.host, up.port, self.tls)
+        return up
+
+
+class UpstreamPool:
+    """The explicit proxy's upstream connections: one per target, reused across requests."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._by_target: dict[tuple[str, str, int], Upstream] = {}
+
+    async def get(self, scheme: str, host: str, port: int) -> Upstream:
+        key = (scheme, host.lower(), port)
+        up = self._by_target.get(key)
+        if up is not None and up.reusable:
+            return up
+        if up is not None:
+            up.close()
+        if len(self._by_target) >= MAX_UPSTREAMS:  # drop the oldest
+            old_key = next(iter(self._by_target))
+            self._by_target.pop(old_key).close()
+        tls = (host, ("http/1.1",)) if scheme == "https" else None
+        up = await self.ctx.open_upstream(host, port, tls)
+        self._by_target[key] = up
+        return up
+
+
+def _target_text(raw: str, redact: bool) -> str:
+    return repr(re.sub(r"//[^/@]*@", "//<redacted>@", raw) if redact else raw)
+
+
+def parse_target(raw: str, fixed: Target | None, redact: bool) -> tuple[str, str, int, str]:
+    """The request target as (scheme, host, port, origin-form path)."""
+    if raw.startswith("/"):
+        if fixed is None:
+            raise BadRequest(
+                "dumpproxy is a proxy: send absolute-form requests (GET http://host/ HTTP/1.1)"
+            )
+        return fixed.scheme, fixed.host, fixed.port, raw
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as e:
+        raise BadRequest(f"bad request target {_target_text(raw, redact)}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise BadRequest(f"unsupported request target {_target_text(raw, redact)}")
+    if fixed is not None:  # absolute-form inside a tunnel: the tunnel decides
+        scheme, host, port = fixed.scheme, fixed.host, fixed.port
+    else:
+        host = parts.hostname
+        port = port or DEFAULT_PORTS[scheme]
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return scheme, host, port, path
+
+
+async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Connect | None:
+    """Serve HTTP/1 requests from one client stream until it closes.
+
+    target None: explicit proxy (absolute-form, decided per request); a CONNECT request
+    ends the loop and is returned to the caller, which owns tunnels.
+    """
+    h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    cfg = ctx.cfg
+    pool = UpstreamPool(ctx) if target is None else None
+    while True:
+        try:
+            ev = await next_event(h, client, cfg.client_idle_timeout)
+        except StreamTimeout:
+            if h.their_state is not h11.IDLE or h.trailing_data[0]:
+                ctx.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
+            return None
+        except h11.RemoteProtocolError as e:
+            text = protocol_error_text(e, cfg.redact)
+            ctx.error("http", f"malformed request: {text}")
+            answer_error(h, client, e.error_status_hint or 400, f"Bad request: {text}")
+            return None
+        except ConnectionError:
+            return None
+        if type(ev) is not h11.Request:  # ConnectionClosed (clean EOF)
+            return None
+        if target is None and ev.method == b"CONNECT":
+            return Connect(h, ev)
+        keep = await _exchange(ctx, h, client, ev, target, pool)
+        if not keep or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return None
+        h.start_next_cycle()
+
+
+def refuse(ctx: Context, h: h11.Connection, client: Stream, stage, status: int,
+           message: str, flow: int | None = None, address: str | None = None) -> bool:
+    """Record an error and answer it; the client connection ends."""
+    ctx.error(stage, message, flow, address)
+    answer_error(h, client, status, message, auth.CHALLENGE if status == 407 else ())
+    return False
+
+
+async def _exchange(ctx: Context, h: h11.Connection, client: Stream, req: h11.Request,
+                    target: Target | None, pool: UpstreamPool | None) -> bool:
+    """One request: checks, decision, upstream, then the pump. True: keep the client."""
+    started = time.monotonic()  # the flow's duration counts the upstream connect too
+    items = list(req.headers.raw_items())
+    services = ctx.services
+    if target is None and services.auth is not None and not services.auth.check_basic(items):
+        return refuse(ctx, h, client, "auth", 407, "proxy authentication required")
+    try:
+        if hdr.framing_conflict(items):
+            raise BadRequest("request has both Content-Length and Transfer-Encoding")
+        scheme, host, port, path = parse_target(req.target.decode("latin-1"), target,
+                                                ctx.cfg.redact)
+    except BadRequest as e:
+        return refuse(ctx, h, client, "http", e.status, str(e))
+    try:
+        if pool is not None:
+            up = await pool.get(scheme, host, port)
+            record = not ctx.decide(host, port, candidates(host, port, ip=up.ip_host),
+                                    sni=None).passthrough
+        else:
+            up = await target.connection(ctx)  # type: ignore[union-attr]
+            record = True
+    except UpstreamError as e:
+        return refuse(ctx, h, client, e.stage, e.status, e.message,  # type: ignore[arg-type]
+                      address=join_host_port(host, port))
+    services.stats.requests += 1
+    fl = Flow(ctx, req.method.decode("latin-1"), scheme, host, port, path,
+              "HTTP/" + req.http_version.decode(), items, started) if record else None
+    upgrade = hdr.header_value(items, b"upgrade") is not None and hdr.has_token(
+        items, b"connection", b"upgrade")
+    out = hdr.forwardable(items, keep_upgrade=upgrade)
+    if hdr.header_value(out, b"host") is None:
+        out.insert(0, (b"Host", join_host_port(host, port).encode()))
+    return await Exchange(ctx, h, client, req, up, path.encode(), out, upgrade, fl).run()

@@ -1,0 +1,263 @@
+"""The event schema: one typed definition per event, and the JSON Schema made from them.
+
+Each event is a TypedDict of the fields that follow the common ones, in output order;
+emitting code builds its fields with these classes (plain dicts at run time, so no cost
+on the hot path). `json_schema()` turns the definitions into the JSON Schema (draft
+2020-12) that `dumpproxy --schema` prints and the package ships as `event-schema.json`.
+The man page describes the same fields; the test suite validates every event it sees.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Annotated, Literal, TypedDict, Union
+
+import orjson
+
+SCHEMA_VERSION = 1  # the `schema` field of `listening`; bumped on an incompatible change
+SCHEMA_ID = "https://dumpproxy.invalid/event-schema/v1.json"
+
+Stage = Literal[
+    "auth",  # proxy authentication missing or wrong
+    "client",  # the client went away mid-exchange
+    "client_tls",  # TLS handshake with the client failed (e.g. it distrusts the CA)
+    "http",  # a malformed or refused HTTP/1 request
+    "http2",  # HTTP/2 protocol or connection trouble
+    "internal",  # a bug in dumpproxy (costs one connection)
+    "relay",  # a passed-through tunnel or upgraded connection broke
+    "reload",  # SIGHUP: a pattern file could not be loaded
+    "server_connect",  # the destination could not be reached
+    "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
+    "shutdown",  # an exchange was cut by shutdown
+    "upstream",  # the destination misbehaved mid-exchange
+]
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+
+Ms = Annotated[float, "milliseconds, 3 decimals"]
+Address = Annotated[str, "host:port, IPv6 bracketed"]
+Headers = Annotated[dict[str, str], "lower-case names; repeats joined"]
+
+
+class Listening(TypedDict):
+    """First line, once the port accepts connections."""
+
+    address: Address
+    mode: Annotated[str, "regular, upstream:URL, reverse:URL, socks5 or transparent"]
+    version: Annotated[str, "dumpproxy's version"]
+    pid: int
+    ca_cert: Annotated[str, "path of the CA certificate"]
+    schema: Annotated[int, "version of this event schema"]
+
+
+class ClientConnect(TypedDict):
+    """A client connection was accepted."""
+
+
+class ClientDisconnect(TypedDict):
+    """A client connection was closed."""
+
+    duration_ms: Ms
+
+
+class ServerConnect(TypedDict):
+    """A TCP connection to the destination is up."""
+
+    address: Annotated[str, "the logical destination, host:port"]
+    ip: Annotated[str, "the resolved peer, ip:port"]
+    connect_ms: Ms
+
+
+class ServerDisconnect(TypedDict):
+    """A connection to the destination was closed."""
+
+    address: Address
+    ip: Address
+    bytes_sent: int
+    bytes_received: int
+
+
+class Decision(TypedDict):
+    """A tunnel or plain-HTTP request was decided: intercept or pass through."""
+
+    address: Address
+    action: Literal["intercept", "passthrough"]
+    reason: Literal["allow_hosts", "ignore_hosts", "default"]
+    pattern: Annotated[str | None, "the pattern that decided it"]
+    source: Annotated[str | None, "FILE:LINE or the flag that gave the pattern"]
+    matched: Annotated[str | None, "the candidate the pattern matched"]
+    candidates: Annotated[list[str], "candidate strings, in the order they were tried"]
+    sni: str | None
+
+
+class Tls(TypedDict):
+    """A TLS handshake completed."""
+
+    side: Literal["client", "server"]
+    address: Address
+    sni: str | None
+    alpn: str | None
+    version: str | None
+    cipher: str | None
+
+
+class Request(TypedDict):
+    """Request headers received from the client (intercepted traffic only)."""
+
+    flow: Annotated[int, "the exchange's number, unique per run"]
+    method: str
+    url: str
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+    path: str
+    http_version: Literal["HTTP/1.0", "HTTP/1.1", "HTTP/2.0"]
+    headers: Headers
+
+
+class _ResponseHead(TypedDict):
+    flow: int
+    method: str
+    url: str
+    http_version: Literal["HTTP/1.0", "HTTP/1.1", "HTTP/2.0"]
+    status: int
+    reason: str
+    headers: Headers
+    request_bytes: Annotated[int, "request body bytes forwarded"]
+    response_bytes: Annotated[int, "response body bytes forwarded"]
+    duration_ms: Ms
+
+
+class Response(_ResponseHead, total=False):
+    """The exchange finished: the last body byte was forwarded. Bodies with --bodies."""
+
+    request_body: Annotated[str, "UTF-8 text, or base64 (see request_body_encoding)"]
+    request_body_encoding: Literal["base64"]
+    request_body_truncated: Literal[True]
+    response_body: str
+    response_body_encoding: Literal["base64"]
+    response_body_truncated: Literal[True]
+
+
+class _ErrorHead(TypedDict):
+    stage: Stage
+    message: str
+
+
+class Error(_ErrorHead, total=False):
+    """Something failed that a user must act on."""
+
+    flow: int
+    address: Address
+
+
+class Shutdown(TypedDict):
+    """Last line."""
+
+    reason: Annotated[str, "SIGINT, SIGTERM, output closed, command exited, cannot run CMD"]
+    connections: int
+    requests: int
+    passthrough: int
+    errors: int
+    uptime_s: float
+
+
+# event name -> (its fields, tied to a client connection: True, False or None = optional)
+EVENTS: dict[str, tuple[type, bool | None]] = {
+    "listening": (Listening, False),
+    "client_connect": (ClientConnect, True),
+    "client_disconnect": (ClientDisconnect, True),
+    "server_connect": (ServerConnect, True),
+    "server_disconnect": (ServerDisconnect, True),
+    "decision": (Decision, True),
+    "tls": (Tls, True),
+    "request": (Request, True),
+    "response": (Response, True),
+    "error": (Error, None),
+    "shutdown": (Shutdown, False),
+}
+
+
+def event_fields(name: str) -> list[str]:
+    """Every field an event may carry, in output order (common ones first)."""
+    cls, tied = EVENTS[name]
+    common = ["ts", "event"] + (["conn", "client"] if tied is not False else [])
+    return common + list(typing.get_type_hints(cls))
+
+
+# --- JSON Schema ------------------------------------------------------------------------
+
+_SIMPLE = {int: "integer", float: "number", str: "string", bool: "boolean",
+           type(None): "null"}
+
+
+def _type_schema(tp: object) -> dict:
+    description = None
+    if typing.get_origin(tp) is Annotated:
+        tp, description = typing.get_args(tp)[0], typing.get_args(tp)[1]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in _SIMPLE:
+        out: dict = {"type": _SIMPLE[tp]}  # type: ignore[index]
+    elif origin is Literal:
+        out = {"enum": list(args)}
+    elif origin in (Union, types.UnionType):
+        parts = [_type_schema(a) for a in args]
+        if all(set(p) == {"type"} for p in parts):
+            out = {"type": [p["type"] for p in parts]}
+        else:
+            out = {"anyOf": parts}
+    elif origin is list:
+        out = {"type": "array", "items": _type_schema(args[0])}
+    elif origin is dict:
+        out = {"type": "object", "additionalProperties": _type_schema(args[1])}
+    else:  # pragma: no cover - a definition above uses a type this does not know
+        raise TypeError(f"no JSON Schema for {tp!r}")
+    if description:
+        out["description"] = description
+    return out
+
+
+def _event_schema(name: str) -> dict:
+    cls, tied = EVENTS[name]
+    props: dict = {
+        "ts": {"type": "number", "description": "Unix time, seconds, 6 decimals"},
+        "event": {"const": name},
+    }
+    required = ["ts", "event"]
+    if tied is not False:
+        props["conn"] = {"type": "integer", "description": "client connection id"}
+        props["client"] = {"type": "string", "description": "client address, host:port"}
+        if tied:
+            required += ["conn", "client"]
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for field, tp in hints.items():
+        props[field] = _type_schema(tp)
+    required += [f for f in hints if f in cls.__required_keys__]  # type: ignore[attr-defined]
+    return {
+        "description": (cls.__doc__ or "").strip(),
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+def json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of one event line."""
+    defs = {name: _event_schema(name) for name in EVENTS}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "dumpproxy event",
+        "description": f"One line of dumpproxy's JSON Lines output (schema {SCHEMA_VERSION}).",
+        "type": "object",
+        "required": ["ts", "event"],
+        "properties": {"event": {"enum": list(EVENTS)}},
+        "oneOf": [{"$ref": f"#/$defs/{name}"} for name in EVENTS],
+        "$defs": defs,
+    }
+
+
+def schema_text() -> bytes:
+    """The schema as printed by `--schema` and shipped as event-schema.json."""
+    return orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
