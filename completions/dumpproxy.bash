@@ -17,6 +17,10 @@ _dumpproxy_options='
     --check
     --pattern-for
     --peek-timeout
+    --head-timeout
+    --response-timeout
+    --connect-timeout
+    --idle-timeout
     --ca-dir
     --print-ca
     -k --ssl-insecure
@@ -115,7 +119,8 @@ _dumpproxy()
             return
             ;;
         -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
-            --peek-timeout | --max-body-bytes | --proxyauth)
+            --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
+            --idle-timeout | --max-body-bytes | --proxyauth)
             # A free-form value: nothing sensible to offer.
             return
             ;;

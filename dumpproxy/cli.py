@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--peek-timeout", metavar="SECONDS", type=_positive_float, default=10.0,
                    help="how long to wait for a tunnel's first bytes before deciding "
                         "(default: 10)")
+    w = p.add_argument_group("timeouts (seconds)")
+    w.add_argument("--head-timeout", metavar="SECONDS", type=_positive_float, default=60.0,
+                   help="a client's request head, or a tunnel's first byte (default: 60)")
+    w.add_argument("--response-timeout", metavar="SECONDS", type=_positive_float,
+                   default=60.0, help="the response head from the destination; then 504 "
+                                      "(default: 60)")
+    w.add_argument("--connect-timeout", metavar="SECONDS", type=_positive_float, default=30.0,
+                   help="connecting (TCP and TLS) to the destination (default: 30)")
+    w.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float, default=600.0,
+                   help="no byte either way in a tunnel or body stream (default: 600)")
     t = p.add_argument_group("TLS")
     t.add_argument("--ca-dir", metavar="DIR", default=None,
                    help="where the CA lives (default: $DUMPPROXY_HOME, else "
@@ -146,6 +156,10 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         mode=mode,
         sources=sources,
         peek_timeout=args.peek_timeout,
+        head_timeout=args.head_timeout,
+        response_timeout=args.response_timeout,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
         ca_dir=args.ca_dir or default_ca_dir(),
         ssl_insecure=args.ssl_insecure,
         upstream_ca=args.upstream_ca,

@@ -7,6 +7,7 @@ server, and a CONNECT it hands back goes to the tunnel module.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -75,25 +76,30 @@ class Proxy:
 
     # -- connections --
     def accept(self, stream: SocketStream) -> None:
+        """A new client: counted and recorded at once, served by its own task; whatever
+        becomes of the task (even cancelled before it ran), the client is closed and
+        `client_disconnect` written, so the counters always match the events."""
         self._ids += 1
         self.services.stats.connections += 1
         ctx = Context(self.services, stream, self._ids)
+        ctx.emit("client_connect")
         task = asyncio.get_running_loop().create_task(self._serve(ctx))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(functools.partial(self._served, ctx))
 
     async def _serve(self, ctx: Context) -> None:
-        ctx.emit("client_connect")
         try:
             await serve_regular(ctx)
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a bug must cost one connection, never the proxy
             ctx.error("internal", f"{type(e).__name__}: {e}")
-        finally:
-            ctx.close()
-            ctx.emit("client_disconnect", ClientDisconnect(
-                duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
+
+    def _served(self, ctx: Context, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        ctx.close()
+        ctx.emit("client_disconnect", ClientDisconnect(
+            duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,5 +130,5 @@ class Proxy:
             reason=reason, connections=stats.connections, requests=stats.requests,
             passthrough=stats.passthrough, errors=stats.errors,
             uptime_s=round(time.monotonic() - self.started, 3)))
-        services.events.flush()
+        services.events.close()  # `shutdown` is the last line
         services.certs.close()

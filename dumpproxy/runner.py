@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import os
+import resource
 import signal
 import ssl
 import sys
 import tempfile
 
+from dumpproxy.addresses import strip_brackets
 from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
@@ -55,7 +58,29 @@ def _status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(strip_brackets(host)).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def raise_descriptor_limit() -> None:
+    """Every connection costs two descriptors: take all the hard limit allows (the soft
+    limit is often 1,024, which 500 tunnels use up)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError):
+        pass  # keep the limit we have
+
+
 async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] | None) -> int:
+    raise_descriptor_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason: list[str] = []
@@ -65,7 +90,15 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             reason.append(why)
         stop.set()
 
-    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"))
+    output = cfg.output or "standard output"
+
+    def output_failed(why: str) -> None:
+        # Serving on while dropping events would break the record: stop, exit 1.
+        print(f"dumpproxy: error: cannot write events to {output}: {why}", file=sys.stderr)
+        trigger("output failed")
+
+    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"),
+                         on_failed=output_failed)
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
     # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
@@ -93,6 +126,12 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         print(f"dumpproxy: error: cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
               f"{e.strerror or e}", file=sys.stderr)
         return 1
+    if writer.failure is not None:  # not even `listening` could be written
+        await proxy.stop("output failed")
+        return 1
+    if not cfg.proxyauth and not is_loopback(cfg.listen_host) and cfg.verbosity >= 0:
+        print(f"dumpproxy: warning: listening on {proxy.address} without --proxyauth: "
+              "anyone who can reach this port can use the proxy", file=sys.stderr)
     if cfg.verbosity >= 0 and command is None:
         print(f"dumpproxy: listening on http://{proxy.address}", file=sys.stderr)
     # Everything loaded so far lives as long as the process: keep it out of the cyclic
@@ -103,7 +142,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     if command is None:
         await stop.wait()
         await proxy.stop(reason[0])
-        return 0
+        return 1 if writer.failure is not None else 0
 
     bundle = write_bundle(ca)
     try:
@@ -128,7 +167,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         code = await waiter
         stopper.cancel()
         await proxy.stop(reason[0] if reason else "command exited", grace=WRAP_GRACE)
-        return _status(code)
+        return 1 if writer.failure is not None else _status(code)
     finally:
         os.unlink(bundle)
 

@@ -22,6 +22,7 @@ Stage = Literal[
     "auth",  # proxy authentication missing or wrong
     "client",  # the client went away mid-exchange
     "client_tls",  # TLS handshake with the client failed (e.g. it distrusts the CA)
+    "decision",  # a pattern took too long to match: passed through, fix the pattern
     "http",  # a malformed or refused HTTP/1 request
     "http2",  # HTTP/2 protocol or connection trouble
     "internal",  # a bug in dumpproxy (costs one connection)
@@ -82,7 +83,8 @@ class Decision(TypedDict):
 
     address: Address
     action: Literal["intercept", "passthrough"]
-    reason: Literal["allow_hosts", "ignore_hosts", "default"]
+    reason: Annotated[Literal["allow_hosts", "ignore_hosts", "default", "timeout"],
+                      "timeout: a pattern took too long; passed through"]
     pattern: Annotated[str | None, "the pattern that decided it"]
     source: Annotated[str | None, "FILE:LINE or the flag that gave the pattern"]
     matched: Annotated[str | None, "the candidate the pattern matched"]

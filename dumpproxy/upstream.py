@@ -9,6 +9,7 @@ events written through the emit function of the client connection that owns it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
@@ -40,6 +41,10 @@ class UpstreamError(Exception):
         self.status = status
 
 
+OUT_OF_DESCRIPTORS = ("dumpproxy ran out of file descriptors (too many open connections); "
+                      "raise the limit with `ulimit -n`")
+
+
 async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
     """A direct TCP connection, failures as UpstreamError."""
     loop = asyncio.get_running_loop()
@@ -56,6 +61,8 @@ async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
             "server_connect", f"DNS lookup for {host} failed: {e.strerror}"
         ) from None
     except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the destination's fault
+            raise UpstreamError("server_connect", OUT_OF_DESCRIPTORS, 503) from None
         reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
         raise UpstreamError(
             "server_connect", f"cannot connect to {join_host_port(host, port)}: {reason}"
