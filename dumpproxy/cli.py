@@ -194,6 +194,10 @@ def event_loop_runner():
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["har"]:  # a subcommand with its own options
+        from dumpproxy.har import main as har_main
+
+        return har_main(argv[1:])
     command: list[str] | None = None
     if "--" in argv:
         i = argv.index("--")
