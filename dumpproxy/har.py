@@ -386,6 +386,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
+class OutputError(Exception):
+    pass
+
+
+class ReaderGone(Exception):
+    pass
+
+
+class Output:
+    """The document on a binary stream, entries separated as JSON wants."""
+
+    def __init__(self, out: IO[bytes]):
+        self.out = out
+        self.sep = b"\n"
+
+    def write(self, data: bytes, flush: bool = False) -> None:
+        try:
+            self.out.write(data)
+            if flush:
+                self.out.flush()
+        except BrokenPipeError:
+            raise ReaderGone() from None
+        except OSError as e:
+            raise OutputError(e.strerror or str(e)) from None
+
+    def entry(self, entry: dict) -> None:
+        self.write(self.sep + orjson.dumps(entry))
+        self.sep = b",\n"
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     parser.add_argument("files", metavar="FILE", nargs="*",
@@ -404,35 +434,34 @@ def main(argv: list[str]) -> int:
             for i in inputs:
                 i.f.close()
             return 2
-        inputs.append(Input("<stdin>" if name == "-" else name, f))
-    out = sys.stdout.buffer
+        inputs.append(Input(name, f))
+    out = Output(sys.stdout.buffer)
     conv = HarConverter()
-    sep = b"\n"
     try:
         out.write(document_head())
         for inp in inputs:
             try:
                 for ev in inp.events():
                     for entry in conv.feed(ev):
-                        out.write(sep + orjson.dumps(entry))
-                        sep = b",\n"
-            except OSError as e:
+                        out.entry(entry)
+            except OSError as e:  # reading failed
                 print(f"dumpproxy: error: {inp.name}: {e.strerror or e}", file=sys.stderr)
                 return 1
             finally:
                 if inp.f is not sys.stdin.buffer:
                     inp.f.close()
         for entry in conv.close():
-            out.write(sep + orjson.dumps(entry))
-            sep = b",\n"
+            out.entry(entry)
         skipped = sum(i.skipped_count for i in inputs)
         comment = f"converted by dumpproxy har: {conv.entries} entries ({conv.failed} failed)"
         if skipped:
             comment += f"; {skipped} input lines skipped"
-        out.write(document_tail(comment))
-        out.flush()
-    except BrokenPipeError:
+        out.write(document_tail(comment), flush=True)
+    except ReaderGone:
         # the reader went away (`| head`): stop quietly, as the proxy does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OutputError as e:
+        print(f"dumpproxy: error: standard output: {e}", file=sys.stderr)
+        return 1
     return 0
