@@ -68,8 +68,22 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"))
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
+    def on_hup() -> None:
+        """Reload the pattern files, then reopen -o FILE (logrotate: rename, then HUP)."""
+        proxy.reload_filter()
+        if cfg.output and not writer.broken:
+            try:
+                writer.reopen(cfg.output)
+            except OSError as e:
+                proxy.emit("error", {"stage": "reload", "message": f"cannot reopen "
+                                     f"{cfg.output}: {e.strerror or e}; writing on to the "
+                                     f"old file"})
+            else:
+                if cfg.verbosity > 0:
+                    print(f"dumpproxy: reopened {cfg.output}", file=sys.stderr)
+
     # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     # wrap mode: SIGINT/SIGTERM go to CMD; one that comes before CMD runs waits for it
     # (one handler throughout: a signal read just before CMD started may run it just after)
     early: list[int] = []
