@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 from conftest import ROOT, DumpProxy, Origin, curl, run_cli
 from haralyzer import HarEntry, HarParser
+from test_readme import bin_dir  # noqa: F401 (a fixture)
 
 from dumpproxy.har import HarConverter, convert, ip_only
 
@@ -467,3 +468,56 @@ def test_unit_memory_holds_only_open_exchanges():
                                          ("[2001:db8::1]:443", "2001:db8::1")])
 def test_unit_ip_only(address, ip):
     assert ip_only(address) == ip
+
+
+# --- the README's and the man page's examples -----------------------------------------------
+
+
+def man_examples(section: str) -> list[str]:
+    """The lines of the .EX blocks of a man page section, as printed."""
+    from test_cli_docs import deroff, man_section
+
+    out, inside = [], False
+    for line in man_section(section):
+        if line in (".EX", ".EE"):
+            inside = line == ".EX"
+        elif inside:
+            out.append(deroff(line))
+    return out
+
+
+def test_readme_and_man_har_examples_run(tmp_path, bin_dir, dumpproxy, origin):  # noqa: F811
+    from test_readme import clean_env, marked_blocks, run_bash
+
+    p = dumpproxy()
+    for path in ("/small", "/status/404", "/echo"):
+        assert curl("-x", p.url, "-o", "/dev/null", origin.url(path)).returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    lines = capture_of(p, work / "whole.jsonl").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"event":"request"' in line
+               and '"flow":2' in line) + 1
+    (work / "traffic.jsonl.1").write_text("".join(lines[:cut]))
+    (work / "traffic.jsonl").write_text("".join(lines[cut:]))
+    suite = work / "run-suite.sh"
+    suite.write_text('#!/bin/sh\ncurl -sS -o /dev/null "$ORIGIN_URL/small" && '
+                     'curl -sS -o /dev/null "$ORIGIN_URL/missing"\n')
+    suite.chmod(0o755)
+    whole, _ = har(str(work / "whole.jsonl"))
+    env = clean_env(tmp_path, bin_dir, ORIGIN_URL=f"http://127.0.0.1:{origin.port}")
+
+    man = man_examples("HAR")
+    assert man and all(line.startswith("dumpproxy har ") for line in man)
+    for name, script in (("readme", marked_blocks()["har"]), ("man", "\n".join(man) + "\n")):
+        (work / "traffic.har").unlink(missing_ok=True)
+        (work / f"{name}.sh").write_text(script)
+        r = run_bash(["-eu", "-o", "pipefail", f"{name}.sh"], cwd=work, env=env)
+        assert r.returncode == 0, f"{name}:\n{r.stdout}\n{r.stderr}"
+        assert "Traceback" not in r.stderr and "warning" not in r.stderr, r.stderr
+        doc = json.loads((work / "traffic.har").read_text())
+        check_har(doc)
+        assert doc == whole, name
+    suite_har = json.loads((work / "suite.har").read_text())
+    assert [(e.request.url, e.status) for e in check_har(suite_har)] == [
+        (f"http://127.0.0.1:{origin.port}/small", 200),
+        (f"http://127.0.0.1:{origin.port}/missing", 404)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,3 +158,48 @@ def test_failed_reopen_keeps_the_old_file(tmp_path, home, origin):
     assert err["message"] == (f"cannot reopen {out}: Is a directory; writing on to the "
                               "old file")
     assert events[-1]["event"] == "shutdown"
+
+
+def test_man_page_logrotate_snippet(tmp_path, home, origin):
+    """The SIGNALS section's logrotate configuration, run by the real logrotate(8) with its
+    paths moved into a temp dir."""
+    from test_har import man_examples
+
+    logrotate = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin")
+    assert logrotate, "logrotate is not installed (CI installs it)"
+    snippet = "\n".join(man_examples("SIGNALS")) + "\n"
+    assert "/var/log/dumpproxy/traffic.jsonl {" in snippet and "/run/dumpproxy.pid" in snippet
+    logs = tmp_path / "log"
+    logs.mkdir()
+    pidfile = tmp_path / "dumpproxy.pid"
+    conf = tmp_path / "dumpproxy.logrotate"
+    conf.write_text(snippet.replace("/var/log/dumpproxy", str(logs))
+                    .replace("/run/dumpproxy.pid", str(pidfile)))
+    out = logs / "traffic.jsonl"
+    proc, port = start(out, home)
+
+    def request(path: str) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", origin.url(path))
+        assert c.getresponse().status in (200, 404)
+        c.close()
+
+    try:
+        pidfile.write_text(f"{proc.pid}\n")
+        request("/small")
+        wait_until(lambda: count(out, "response") == 1, "the first response")
+        r = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        rotated = logs / "traffic.jsonl.1"  # delaycompress: the newest stays plain
+        wait_until(out.exists, "the reopened file")
+        request("/status/404")
+        wait_until(lambda: count(out, "response") == 1, "a response in the new file")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.stderr.read()
+    old, new = lines_of(rotated), lines_of(out)
+    assert [e["event"] for e in old][0] == "listening"
+    assert [e["status"] for e in old if e["event"] == "response"] == [200]
+    assert [e["status"] for e in new if e["event"] == "response"] == [404]
+    assert new[-1]["event"] == "shutdown" and new[-1]["requests"] == 2
