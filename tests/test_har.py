@@ -521,3 +521,30 @@ def test_readme_and_man_har_examples_run(tmp_path, bin_dir, dumpproxy, origin): 
     assert [(e.request.url, e.status) for e in check_har(suite_har)] == [
         (f"http://127.0.0.1:{origin.port}/small", 200),
         (f"http://127.0.0.1:{origin.port}/missing", 404)]
+
+
+# --- shell completion of the subcommand ----------------------------------------------------
+
+SHELLS = ["bash", "bash-without-bash-completion", "zsh", "fish"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_completes_the_har_subcommand_and_its_files(shell, tmp_path):
+    from test_cli_docs import complete, names
+
+    assert "har" in names(complete(shell, "dumpproxy h", tmp_path))
+    (tmp_path / "traffic.jsonl").write_text("")
+    (tmp_path / "tree").mkdir()
+    got = names(complete(shell, f"dumpproxy har {tmp_path}/tr", tmp_path))
+    assert {"traffic.jsonl", "tree"} <= got, got
+    got = names(complete(shell, f"dumpproxy har {tmp_path}/traffic.jsonl {tmp_path}/tr",
+                         tmp_path))
+    assert {"traffic.jsonl", "tree"} <= got, got
+
+
+@pytest.mark.parametrize("shell", ["bash", "bash-without-bash-completion", "fish"])
+def test_no_proxy_options_after_har(shell, tmp_path):
+    from test_cli_docs import complete, names
+
+    assert "--ignore-hosts" not in names(complete(shell, "dumpproxy har --ig", tmp_path))
+    assert "--ignore-hosts" in names(complete(shell, "dumpproxy --ig", tmp_path))
