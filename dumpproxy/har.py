@@ -341,37 +341,46 @@ def convert(events: Iterable[dict]) -> dict:
 # -- files --------------------------------------------------------------------------------
 
 
+class Skipped:
+    """Lines skipped in all inputs: the first MAX_WARNINGS named on stderr, all counted."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, name: str, number: int, why: str) -> None:
+        self.count += 1
+        if self.count <= MAX_WARNINGS:
+            print(f"dumpproxy: warning: {name}:{number}: {why}, skipped", file=sys.stderr)
+        elif self.count == MAX_WARNINGS + 1:
+            print("dumpproxy: warning: more lines skipped (counted in the HAR's comment)",
+                  file=sys.stderr)
+
+
 class Input:
     """Event lines from one file; a malformed line is skipped and reported as FILE:LINE."""
 
-    def __init__(self, name: str, f: IO[bytes]):
+    def __init__(self, name: str, f: IO[bytes], skipped: Skipped):
         self.name = name
         self.f = f
-        self.skipped: list[str] = []  # FILE:LINE: why, for the first few
-        self.skipped_count = 0
+        self.skipped = skipped
 
     def events(self) -> Iterator[dict]:
         for number, line in enumerate(self.f, 1):
             if not line.endswith(b"\n"):
                 # the last line of a capture still being written (or cut off): not an event yet
-                self._skip(number, "incomplete last line")
+                self.skipped(self.name, number, "incomplete last line")
                 return
             if not line.strip():
                 continue
             try:
                 ev = orjson.loads(line)
             except orjson.JSONDecodeError:
-                self._skip(number, "not a JSON line")
+                self.skipped(self.name, number, "not a JSON line")
                 continue
             if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
-                self._skip(number, "not a dumpproxy event")
+                self.skipped(self.name, number, "not a dumpproxy event")
                 continue
             yield ev
-
-    def _skip(self, number: int, why: str) -> None:
-        self.skipped_count += 1
-        if self.skipped_count <= MAX_WARNINGS:
-            print(f"dumpproxy: warning: {self.name}:{number}: {why}, skipped", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,6 +435,7 @@ def main(argv: list[str]) -> int:
         print("dumpproxy: error: standard input ('-') can be read only once", file=sys.stderr)
         return 2
     inputs: list[Input] = []
+    skipped = Skipped()
     for name in names:  # all opened first: a bad name fails before any output
         try:
             f = sys.stdin.buffer if name == "-" else open(name, "rb")
@@ -434,7 +444,7 @@ def main(argv: list[str]) -> int:
             for i in inputs:
                 i.f.close()
             return 2
-        inputs.append(Input(name, f))
+        inputs.append(Input(name, f, skipped))
     out = Output(sys.stdout.buffer)
     conv = HarConverter()
     try:
@@ -452,10 +462,9 @@ def main(argv: list[str]) -> int:
                     inp.f.close()
         for entry in conv.close():
             out.entry(entry)
-        skipped = sum(i.skipped_count for i in inputs)
         comment = f"converted by dumpproxy har: {conv.entries} entries ({conv.failed} failed)"
-        if skipped:
-            comment += f"; {skipped} input lines skipped"
+        if skipped.count:
+            comment += f"; {skipped.count} input lines skipped"
         out.write(document_tail(comment), flush=True)
     except ReaderGone:
         # the reader went away (`| head`): stop quietly, as the proxy does

@@ -303,6 +303,19 @@ def test_malformed_line_is_skipped_with_a_warning(dumpproxy, origin, tmp_path):
     assert doc["log"]["comment"].endswith("; 2 input lines skipped")
 
 
+def test_warnings_are_capped_and_counted(tmp_path):
+    junk = tmp_path / "junk.txt"
+    junk.write_text("x\n" * 8)
+    doc, err = har(str(junk), str(junk))
+    assert err.splitlines() == [
+        *(f"dumpproxy: warning: {junk}:{n}: not a JSON line, skipped" for n in range(1, 9)),
+        f"dumpproxy: warning: {junk}:1: not a JSON line, skipped",
+        f"dumpproxy: warning: {junk}:2: not a JSON line, skipped",
+        "dumpproxy: warning: more lines skipped (counted in the HAR's comment)"]
+    assert check_har(doc) == []
+    assert doc["log"]["comment"].endswith("; 16 input lines skipped")
+
+
 def test_bad_file_is_one_line_exit_2(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("")
@@ -314,6 +327,8 @@ def test_bad_file_is_one_line_exit_2(tmp_path):
     r = run_cli("har", str(tmp_path))
     assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
     assert str(tmp_path) in r.stderr.decode()
+    r = run_cli("har", "-", "-")
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
     r = run_cli("har", "--bogus")
     assert r.returncode == 2 and b"Traceback" not in r.stderr
 
