@@ -64,6 +64,19 @@ _dumpproxy()
         fi
     fi
 
+    # `dumpproxy har [FILE...]`: event files.
+    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har ]]; then
+        if [[ $cur == -* ]]; then
+            COMPREPLY=($(compgen -W '-h --help' -- "$cur"))
+        elif declare -F _filedir >/dev/null 2>&1; then
+            _filedir
+        else
+            compopt -o filenames 2>/dev/null
+            COMPREPLY=($(compgen -f -- "$cur"))
+        fi
+        return
+    fi
+
     # Wrap mode: after "--", complete the command and then its own arguments.
     # (COMP_WORDS, not words: _command_offset counts in COMP_WORDS.)
     local i
@@ -130,6 +143,10 @@ _dumpproxy()
 
     if [[ $cur == -* || -z $cur ]]; then
         COMPREPLY=($(compgen -W "$_dumpproxy_options" -- "$cur"))
+    fi
+    # the subcommand, as the first word
+    if ((COMP_CWORD == 1)) && [[ $cur != -* ]]; then
+        COMPREPLY+=($(compgen -W 'har' -- "$cur"))
     fi
 } &&
     complete -F _dumpproxy dumpproxy

@@ -19,10 +19,18 @@ function __fish_dumpproxy_wrapped
     __fish_complete_subcommand --commandline $rest (commandline -ct)
 end
 
+# True after "dumpproxy har" (dumpproxy har [FILE...]).
+function __fish_dumpproxy_har
+    set -l tokens (commandline -opc)
+    test (count $tokens) -ge 2; and test "$tokens[2]" = har
+end
+
 complete -c dumpproxy -f
 complete -c dumpproxy -n __fish_dumpproxy_wrapping -xa '(__fish_dumpproxy_wrapped)'
+complete -c dumpproxy -n 'test (count (commandline -opc)) -eq 1' -a har -d 'Convert event streams to one HAR 1.2 document'
+complete -c dumpproxy -n __fish_dumpproxy_har -F
 
-set -l opts -n 'not __fish_dumpproxy_wrapping'
+set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har'
 
 complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'

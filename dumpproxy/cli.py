@@ -24,7 +24,10 @@ Intercepting HTTP(S) proxy that writes one JSON object per line for every event
 Events go to stdout (or -o FILE); stderr is for humans.
 
 With `-- CMD [ARG...]` (wrap mode) it runs CMD through the proxy on a free port,
-with proxy and CA variables set, and exits with CMD's status."""
+with proxy and CA variables set, and exits with CMD's status.
+
+`dumpproxy har [FILE...]` converts event streams to one HAR 1.2 document
+(see `dumpproxy har --help`). SIGHUP reloads the pattern files and reopens -o FILE."""
 
 
 class UsageError(Exception):
@@ -34,7 +37,8 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dumpproxy",
-        usage="dumpproxy [OPTIONS]\n       dumpproxy [OPTIONS] -- CMD [ARG...]",
+        usage="dumpproxy [OPTIONS]\n       dumpproxy [OPTIONS] -- CMD [ARG...]\n"
+              "       dumpproxy har [FILE...]",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -211,6 +215,10 @@ def event_loop_runner():
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["har"]:  # a subcommand with its own options
+        from dumpproxy.har import main as har_main
+
+        return har_main(argv[1:])
     command: list[str] | None = None
     if "--" in argv:
         i = argv.index("--")

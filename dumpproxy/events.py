@@ -137,6 +137,17 @@ class EventWriter:
         if self.on_failed is not None:
             self.on_failed(self.failure)
 
+    def reopen(self, path: str) -> None:
+        """SIGHUP with `-o FILE`: the batch goes whole to the old file, then every later
+        event to a new one at `path` (logrotate renamed the old one). Events are written on
+        the loop's thread, so none can fall between. Raises OSError, and then the old file
+        stays in use."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.flush()
+        old, self.fd = self.fd, fd
+        self._seekable = stat.S_ISREG(os.fstat(fd).st_mode)
+        os.close(old)
+
     def _break(self) -> None:
         self.broken = True
         self._batch.clear()

@@ -160,6 +160,7 @@ class H2Bridge:
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            self._finish_forwarded(self.client)  # e.g. shutdown right after the last byte
             self._abandon_open_streams()
             # h2's connection objects hold reference cycles; left to the cyclic GC they
             # pile up between its rare full passes. Collect them once per connection.
@@ -459,6 +460,11 @@ class H2Bridge:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
         self._drop(other, oid, ev.stream_id)
+        if side is self.client and self._forwarded_whole(pair):
+            # The client had the whole response (curl resets once Content-Length is met,
+            # before the origin's END_STREAM): a completed exchange, not a failure.
+            self._finish(pair)
+            return False
         self._drop(side, ev.stream_id, oid)
         flow = pair.flow
         pair.flow = None

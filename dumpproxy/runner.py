@@ -18,6 +18,7 @@ from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter
 from dumpproxy.proxy import Proxy
+from dumpproxy.schema import Error
 
 WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
@@ -101,8 +102,22 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
                          on_failed=output_failed)
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
+    def on_hup() -> None:
+        """Reload the pattern files, then reopen -o FILE (logrotate: rename, then HUP)."""
+        proxy.reload_filter()
+        if cfg.output and not writer.broken:
+            try:
+                writer.reopen(cfg.output)
+            except OSError as e:
+                proxy.services.emit("error", Error(
+                    stage="reload", message=f"cannot reopen {cfg.output}: "
+                    f"{e.strerror or e}; writing on to the old file"))
+            else:
+                if cfg.verbosity > 0:
+                    print(f"dumpproxy: reopened {cfg.output}", file=sys.stderr)
+
     # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     # wrap mode: SIGINT/SIGTERM go to CMD; one that comes before CMD runs waits for it
     # (one handler throughout: a signal read just before CMD started may run it just after)
     early: list[int] = []

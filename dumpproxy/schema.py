@@ -27,7 +27,7 @@ Stage = Literal[
     "http2",  # HTTP/2 protocol or connection trouble
     "internal",  # a bug in dumpproxy (costs one connection)
     "relay",  # a passed-through tunnel or upgraded connection broke
-    "reload",  # SIGHUP: a pattern file could not be loaded
+    "reload",  # SIGHUP: a pattern file could not be loaded, or -o FILE not reopened
     "server_connect",  # the destination could not be reached
     "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
     "shutdown",  # an exchange was cut by shutdown

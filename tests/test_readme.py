@@ -108,7 +108,7 @@ def bin_dir(tmp_path: Path) -> Path:
 def test_marked_blocks_exist_and_are_shell():
     text = README.read_text()
     found = {name: lang for name, lang, _ in MARKED.findall(text)}
-    assert found == {"ci-capture": "sh", "jq-cookbook": "sh"}
+    assert found == {"ci-capture": "sh", "jq-cookbook": "sh", "clickhouse": "sh", "har": "sh"}
     assert text.count("<!-- test: ") == len(found), "a marker not right before a fence"
     # the recipe sits under its own heading
     head, _, _ = text.partition("<!-- test: ci-capture -->")
