@@ -110,39 +110,36 @@ class CA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _unwritable(ca_dir: str, e: OSError) -> CAError:
+    """One line naming the directory, why, and what to do."""
+    return CAError(
+        f"{ca_dir}: cannot write the CA there: {e.strerror or e}; give --ca-dir (or "
+        f"DUMPPROXY_HOME) a directory you own, or fix its owner and permissions"
+    )
+
+
 def load_or_create_ca(ca_dir: str) -> CA:
-    """Load the CA from ca_dir, creating it (and the dir) on first use."""
+    """Load the CA from ca_dir, creating it (and the dir) on first use.
+
+    Every failure is a CAError with one line naming the file or directory and the fix."""
     try:
         os.makedirs(ca_dir, mode=0o700, exist_ok=True)
     except OSError as e:
-        raise CAError(f"{ca_dir}: cannot create CA directory: {e.strerror}") from None
+        raise CAError(
+            f"{ca_dir}: cannot create CA directory: {e.strerror}; give --ca-dir (or "
+            f"DUMPPROXY_HOME) a directory you can create or own"
+        ) from None
     path = os.path.join(ca_dir, CA_FILE)
     if not os.path.exists(path):
-        key, cert = _new_ca()
-        blob = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ) + cert.public_bytes(serialization.Encoding.PEM)
-        fd, tmp = tempfile.mkstemp(dir=ca_dir, prefix=".tmp-ca-")
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, blob)
-            os.fsync(fd)
-            os.close(fd)
-            try:
-                os.link(tmp, path)  # fails if another process created it first: use theirs
-            except FileExistsError:
-                pass
-        except OSError as e:
-            raise CAError(f"{path}: cannot write CA: {e.strerror}") from None
-        finally:
-            os.unlink(tmp)
+        _create_ca_file(ca_dir, path)
     try:
         with open(path, "rb") as f:
             blob = f.read()
     except OSError as e:
-        raise CAError(f"{path}: cannot read CA: {e.strerror}") from None
+        raise CAError(
+            f"{path}: cannot read CA: {e.strerror}; use --ca-dir (or DUMPPROXY_HOME) with "
+            f"a directory of your own, or run as the CA's owner"
+        ) from None
     try:
         key = serialization.load_pem_private_key(blob, password=None)
         cert = x509.load_pem_x509_certificate(blob[blob.index(b"-----BEGIN CERTIFICATE") :])
@@ -156,8 +153,14 @@ def load_or_create_ca(ca_dir: str) -> CA:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise CAError(f"{path}: the key does not match the certificate; move it away")
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o600)
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError as e:
+        raise CAError(
+            f"{path}: the CA key is readable by others and cannot be made private "
+            f"({e.strerror}); run 'chmod 600 {path}' as its owner, or use --ca-dir"
+        ) from None
     cert_path = os.path.join(ca_dir, CA_CERT_FILE)
     pem = cert.public_bytes(serialization.Encoding.PEM)
     try:
@@ -166,8 +169,37 @@ def load_or_create_ca(ca_dir: str) -> CA:
     except OSError:
         current = None
     if current != pem:
-        _write_atomic(cert_path, pem, 0o644)
+        try:
+            _write_atomic(cert_path, pem, 0o644)
+        except OSError as e:
+            raise _unwritable(ca_dir, e) from None
     return CA(key, cert, cert_path)  # type: ignore[arg-type]
+
+
+def _create_ca_file(ca_dir: str, path: str) -> None:
+    try:  # before the key is made: an unwritable directory fails at once
+        fd, tmp = tempfile.mkstemp(dir=ca_dir, prefix=".tmp-ca-")
+    except OSError as e:
+        raise _unwritable(ca_dir, e) from None
+    try:
+        key, cert = _new_ca()
+        blob = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ) + cert.public_bytes(serialization.Encoding.PEM)
+        os.fchmod(fd, 0o600)
+        os.write(fd, blob)
+        os.fsync(fd)
+        os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it first: use theirs
+        except FileExistsError:
+            pass
+    except OSError as e:
+        raise _unwritable(ca_dir, e) from None
+    finally:
+        os.unlink(tmp)
 
 
 def is_ip(name: str) -> bool:
