@@ -17,7 +17,7 @@ from dumpproxy import __version__
 from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
 from dumpproxy.config import Config
 from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
-from dumpproxy.status import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
+from dumpproxy.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 
 MODES = ("regular", "upstream:URL", "reverse:URL", "socks5", "transparent")
 IMPLEMENTED_MODES = ("regular",)
@@ -227,7 +227,7 @@ def check_targets(hf: HostFilter, targets: list[str]) -> int:
         )
     sys.stdout.buffer.write(bytes(out))
     sys.stdout.flush()
-    return 0
+    return EXIT_OK
 
 
 def event_loop_runner():
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print(exact_pattern(args.pattern_for))
         except ValueError as e:
             return _fail(f"--pattern-for: {e}")
-        return 0
+        return EXIT_OK
     stdin_users = (args.ignore_hosts_file + args.allow_hosts_file).count("-") + (
         args.check == ["-"]
     )
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_ca:
         sys.stdout.buffer.write(ca.pem)
         sys.stdout.flush()
-        return 0
+        return EXIT_OK
     if cfg.output:
         try:
             fd = os.open(cfg.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return event_loop_runner()(run(cfg, hf, ca, fd, command))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _check_combinations(args: argparse.Namespace, command: list[str] | None) -> None:

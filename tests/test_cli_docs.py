@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -667,3 +668,146 @@ def test_completes_command_after_double_dash(shell, tmp_path):
     assert "echo" in got, got
     got = names(complete(shell, "dumpproxy -q -- --ig", tmp_path))
     assert "--ignore-hosts" not in got, got
+
+
+# --------------------------------------------------------------------------- reference vs code
+
+
+def man_tags(lines: list[str]) -> list[str]:
+    return [macro_text(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == ".TP"]
+
+
+def man_sublist(section: str, item: str) -> list[str]:
+    """The tags of the indented (.RS ... .RE) list inside the entry `.B item` of section."""
+    lines = man_section(section)
+    depth, start = 0, None
+    for i, line in enumerate(lines):
+        depth += {".RS": 1, ".RE": -1}.get(line, 0)
+        if depth == 0 and line == f".B {item}" and lines[i - 1] == ".TP":
+            start = i
+            break
+    assert start is not None, f"{section} has no entry {item}"
+    rs = lines.index(".RS", start)
+    assert not [ln for ln in lines[start + 1 : rs] if ln == ".TP"], f"{item}: no list"
+    return man_tags(lines[rs : lines.index(".RE", rs)])
+
+
+def test_man_shutdown_reasons_match_code():
+    from dumpproxy.status import SHUTDOWN_REASONS
+
+    documented = {t for tag in man_sublist("EVENTS", "shutdown") for t in tag.split(", ")}
+    in_code = {r.format(command="cmd") for r in SHUTDOWN_REASONS}
+    assert documented == in_code, diff_message("man page shutdown reasons", documented, in_code)
+
+
+def test_shutdown_reasons_come_from_the_constants():
+    # A reason written as a literal in the code would escape the comparison above.
+    runner = (ROOT / "dumpproxy" / "runner.py").read_text(encoding="utf-8")
+    literal = re.findall(r"\b(?:stop|trigger)\(\s*f?[\"']", runner)
+    assert not literal, f"runner.py passes literal shutdown reasons: {literal}"
+    events = re.findall(r"\"shutdown\"", "".join(
+        p.read_text(encoding="utf-8") for p in (ROOT / "dumpproxy").glob("*.py")))
+    assert events, "no shutdown event in the code"
+
+
+def test_man_exit_statuses_match_code():
+    from dumpproxy.status import EXIT_SIGNAL_BASE, EXIT_STATUSES
+
+    documented = set(man_tags(man_section("EXIT STATUS")))
+    in_code = {str(s) for s in EXIT_STATUSES} | {f"{EXIT_SIGNAL_BASE}+n"}
+    assert documented == in_code, diff_message("man page EXIT STATUS", documented, in_code)
+
+
+def test_exit_statuses_come_from_the_constants():
+    for name in ("cli.py", "runner.py"):
+        text = (ROOT / "dumpproxy" / name).read_text(encoding="utf-8")
+        literal = re.findall(r"^\s*return \d+\b|_fail\([^)]*,\s*\d+\)", text, re.M)
+        assert not literal, f"{name}: exit statuses not from dumpproxy.status: {literal}"
+
+
+def test_man_signals_match_code():
+    from dumpproxy.status import RELOAD_SIGNAL, STOP_SIGNALS
+
+    documented = {t for tag in man_tags(man_section("SIGNALS")) for t in tag.split(", ")}
+    in_code = {s.name for s in (*STOP_SIGNALS, RELOAD_SIGNAL)}
+    assert documented == in_code, diff_message("man page SIGNALS", documented, in_code)
+
+
+def test_man_error_stages_are_a_closed_list():
+    # The list itself is compared with the event definitions elsewhere; here: no "..."
+    # left, and every tag is one stage name.
+    stages = man_sublist("EVENTS", "error")
+    assert len(stages) >= 12, stages
+    assert all(re.fullmatch(r"[a-z_0-9]+", s) for s in stages), stages
+    assert stages == sorted(stages)
+    events = " ".join(macro_text(line) for line in man_section("EVENTS"))
+    assert "..." not in events and "\u2026" not in events
+
+
+def test_man_page_has_the_reference_sections():
+    page = MAN.read_text(encoding="utf-8")
+    for section in ("SIGNALS", "SHELL COMPLETION", "CAVEATS", "SEE ALSO"):
+        assert man_section(section), section
+    see_also = " ".join(macro_text(line) for line in man_section("SEE ALSO"))
+    for page_ref in ("mitmproxy(1)", "jq(1)", "curl(1)"):
+        assert page_ref in see_also, see_also
+    caveats = " ".join(macro_text(line) for line in man_section("CAVEATS"))
+    for word in ("NO_PROXY", "fetch", "not yet implemented", "raw bytes"):
+        assert word.lower() in caveats.lower(), word
+    files = " ".join(macro_text(line) for line in man_section("FILES"))
+    from dumpproxy.certs import CA_CERT_FILE, CA_FILE
+
+    named = set(re.findall(r"ca-dir/([\w.-]+)", files))
+    assert named == {CA_FILE, CA_CERT_FILE}, named
+    assert "ca-key.pem" not in page
+
+
+def test_modes_not_implemented_are_said_so_everywhere():
+    from dumpproxy.cli import IMPLEMENTED_MODES, MODES, build_parser
+
+    planned = [m.split(":")[0] for m in MODES if m.split(":")[0] not in IMPLEMENTED_MODES]
+    assert planned
+    mode_help = next(a.help for a in build_parser()._actions if "--mode" in a.option_strings)
+    assert "not yet implemented" in mode_help and all(m in mode_help for m in planned)
+    options = " ".join(macro_text(line) for line in man_section("OPTIONS"))
+    mode_entry = options[options.index("--mode mode"):options.index("--proxyauth")]
+    assert "not yet implemented" in mode_entry
+    decision = " ".join(macro_text(line) for line in man_section("EVENTS"))
+    assert "not yet implemented" in decision[decision.index("decision Written"):][:300]
+    for path in (ZSH, FISH):
+        text = path.read_text(encoding="utf-8")
+        for mode in planned:
+            line = next(ln for ln in text.splitlines() if re.search(rf"\b{mode}\\?:", ln)
+                        or re.search(rf"^\s*'?{mode}[:\\]", ln))
+            assert "not yet implemented" in line, f"{path.name}: {line}"
+    bash = BASH.read_text(encoding="utf-8")
+    case = bash[bash.index("--mode)"):bash.index(";;", bash.index("--mode)"))]
+    assert "not yet implemented" in case
+
+
+def test_help_teaches():
+    proc = subprocess.run([sys.executable, "-m", "dumpproxy", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    usage = text[: text.index("\n\n")]
+    for form in ("dumpproxy [OPTIONS]", "-- CMD [ARG...]", "--check HOST:PORT",
+                 "--pattern-for HOST:PORT", "--print-ca", "--completions bash|zsh|fish"):
+        assert form in usage, form
+    examples = text[text.index("examples:"):]
+    assert len(re.findall(r"^  dumpproxy ", examples, re.M)) >= 2
+    assert text.rstrip().endswith("see dumpproxy(1).")
+    synopsis = " ".join(macro_text(line) for line in man_section("SYNOPSIS"))
+    for opt in set(OPTION_RE.findall(synopsis)) | {"--"}:
+        assert opt in usage, f"SYNOPSIS form with {opt} missing from --help usage"
+
+
+# --------------------------------------------------------------------------- --completions
+
+
+@pytest.mark.parametrize("shell, path", [("bash", BASH), ("zsh", ZSH), ("fish", FISH)])
+def test_completions_option_prints_the_file(shell, path):
+    proc = subprocess.run([sys.executable, "-m", "dumpproxy", "--completions", shell],
+                          capture_output=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == path.read_bytes()
