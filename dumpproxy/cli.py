@@ -250,9 +250,10 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
     word = extra[0]
     if word.startswith("-") and word != "-":
         name = word.split("=", 1)[0]
-        options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
-        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else "; see dumpproxy --help"
+        options = [s[2:] for a in parser._actions for s in a.option_strings
+                   if s.startswith("--")]
+        close = difflib.get_close_matches(name.lstrip("-"), options, n=1, cutoff=0.7)
+        hint = f"; did you mean --{close[0]}?" if close else "; see dumpproxy --help"
         return f"unrecognized option {name!r}{hint}"
     if command is None:
         return (f"unexpected argument {word!r}; to run a command through the proxy, put "
