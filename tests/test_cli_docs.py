@@ -510,7 +510,11 @@ BASH_DRIVER = r"""
 if [[ $WITH_BASH_COMPLETION == 1 ]]; then
     source "$BASH_COMPLETION_FILE" || exit 90
 fi
-source "$COMPLETION_FILE" || exit 91
+if [[ -n ${COMPLETION_COMMAND:-} ]]; then
+    source <($COMPLETION_COMMAND) || exit 91
+else
+    source "$COMPLETION_FILE" || exit 91
+fi
 spec=$(complete -p dumpproxy) || exit 92
 fn=$(sed -n 's/.*-F \([^ ]*\).*/\1/p' <<<"$spec")
 [[ -n $fn ]] || exit 93
@@ -554,27 +558,67 @@ def run(argv: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
-def complete_bash(line: str, with_bash_completion: bool = True) -> list[str]:
+class Loader:
+    """Where the shells get the completion scripts: the checkout's files, or an installed
+    dumpproxy's `--completions` output (a venv, as after `pip install` or pipx)."""
+
+    def __init__(self, name: str, bin_dir: Path | None = None):
+        self.name = name
+        self.bin_dir = bin_dir
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, **extra)
+        if self.bin_dir is not None:
+            env["PATH"] = f"{self.bin_dir}{os.pathsep}{env['PATH']}"
+        return env
+
+    def zsh_dir(self, tmp_path: Path) -> Path:
+        if self.bin_dir is None:
+            return ZSH.parent
+        d = tmp_path / "zfunc"  # as the man page says: --completions zsh > DIR/_dumpproxy
+        d.mkdir(exist_ok=True)
+        (d / "_dumpproxy").write_bytes(installed_completions(self.bin_dir, "zsh"))
+        return d
+
+    def fish_load(self) -> str:
+        if self.bin_dir is None:
+            return f"source {shlex.quote(str(FISH))}"
+        return "dumpproxy --completions fish | source"
+
+
+CHECKOUT = Loader("checkout")
+
+
+def installed_completions(bin_dir: Path, shell: str) -> bytes:
+    proc = subprocess.run([str(bin_dir / "dumpproxy"), "--completions", shell],
+                          capture_output=True, timeout=SHELL_TIMEOUT, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def complete_bash(line: str, with_bash_completion: bool = True,
+                  loader: Loader = CHECKOUT) -> list[str]:
     bash = need("bash")
     if with_bash_completion:
         assert BASH_COMPLETION.is_file(), f"{BASH_COMPLETION} missing: install bash-completion"
-    env = dict(
-        os.environ,
+    env = loader.env(
         LINE=line,
         COMPLETION_FILE=str(BASH),
         BASH_COMPLETION_FILE=str(BASH_COMPLETION),
         WITH_BASH_COMPLETION="1" if with_bash_completion else "0",
     )
+    if loader.bin_dir is not None:
+        env["COMPLETION_COMMAND"] = "dumpproxy --completions bash"
     out = run([bash, "--noprofile", "--norc", "-c", BASH_DRIVER], env=env)
     return [w for w in out.splitlines() if w]
 
 
-def complete_zsh(line: str, tmp_path: Path) -> list[str]:
+def complete_zsh(line: str, tmp_path: Path, loader: Loader = CHECKOUT) -> list[str]:
     zsh = need("zsh")
     driver = tmp_path / "drive.zsh"
     driver.write_text(ZSH_DRIVER, encoding="utf-8")
-    env = dict(os.environ, TERM="xterm", HOME=str(tmp_path), ZDOTDIR=str(tmp_path))
-    raw = run([zsh, "-f", str(driver), str(ZSH.parent), line], env=env)
+    env = loader.env(TERM="xterm", HOME=str(tmp_path), ZDOTDIR=str(tmp_path))
+    raw = run([zsh, "-f", str(driver), str(loader.zsh_dir(tmp_path)), line], env=env)
     # Terminal control sequences and carriage returns become line breaks; the listing runs
     # from the first group heading (==description==) to the redrawn command line.
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r", "\n", raw)
@@ -591,22 +635,53 @@ def complete_zsh(line: str, tmp_path: Path) -> list[str]:
     return words
 
 
-def complete_fish(line: str) -> list[str]:
+def complete_fish(line: str, loader: Loader = CHECKOUT) -> list[str]:
     fish = need("fish")
-    out = run([fish, "--no-config", "-c", "source $argv[1]; complete -C $argv[2]", str(FISH), line])
+    out = run([fish, "--no-config", "-c", f"{loader.fish_load()}; complete -C $argv[1]", line],
+              env=loader.env())
     return [ln.split("\t")[0] for ln in out.splitlines() if ln]
 
 
-def complete(shell: str, line: str, tmp_path: Path) -> list[str]:
+def complete(loader: Loader, shell: str, line: str, tmp_path: Path) -> list[str]:
     if shell == "bash":
-        return complete_bash(line)
+        return complete_bash(line, loader=loader)
     if shell == "bash-without-bash-completion":
-        return complete_bash(line, with_bash_completion=False)
+        return complete_bash(line, with_bash_completion=False, loader=loader)
     if shell == "zsh":
-        return complete_zsh(line, tmp_path)
+        return complete_zsh(line, tmp_path, loader)
     if shell == "fish":
-        return complete_fish(line)
+        return complete_fish(line, loader)
     raise AssertionError(shell)
+
+
+@pytest.fixture(scope="session")
+def venv_bin(tmp_path_factory) -> Path:
+    """dumpproxy installed from a copy of this checkout into a fresh venv (offline: no
+    dependencies fetched, the system site-packages provide them and the build backend)."""
+    base = tmp_path_factory.mktemp("venv-install")
+    src = base / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("dumpproxy", "man", "completions"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "-q", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (venv / "bin" / "dumpproxy").is_file()
+    return venv / "bin"
+
+
+@pytest.fixture(params=["checkout", "venv"])
+def loader(request) -> Loader:
+    if request.param == "checkout":
+        return CHECKOUT
+    return Loader("venv", request.getfixturevalue("venv_bin"))
 
 
 SHELLS = ["bash", "bash-without-bash-completion", "zsh", "fish"]
@@ -618,55 +693,55 @@ def names(words: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_option_prefix(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy --ig", tmp_path))
+def test_completes_option_prefix(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy --ig", tmp_path))
     assert {"--ignore-hosts", "--ignore-hosts-file"} <= got, got
     assert "--allow-hosts" not in got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_modes(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy --mode ", tmp_path))
+def test_completes_modes(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy --mode ", tmp_path))
     assert MODES <= got, got
     assert not any(w.startswith("-") for w in got), got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_formats(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy -q --format ", tmp_path))
+def test_completes_formats(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy -q --format ", tmp_path))
     assert {"json", "text"} <= got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_offers_every_option(shell, tmp_path):
-    got = {w for w in complete(shell, "dumpproxy -", tmp_path) if w.startswith("-")}
+def test_offers_every_option(shell, tmp_path, loader):
+    got = {w for w in complete(loader, shell, "dumpproxy -", tmp_path) if w.startswith("-")}
     expected = parser_options()
     assert got == expected, diff_message(f"{shell} completing 'dumpproxy -'", got, expected)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize("option", ["-o", "--output", "--ignore-hosts-file", "--upstream-ca"])
-def test_completes_files(shell, option, tmp_path):
+def test_completes_files(shell, option, tmp_path, loader):
     (tmp_path / "traffic.jsonl").write_text("")
     (tmp_path / "tree").mkdir()
-    got = names(complete(shell, f"dumpproxy {option} {tmp_path}/tr", tmp_path))
+    got = names(complete(loader, shell, f"dumpproxy {option} {tmp_path}/tr", tmp_path))
     assert {"traffic.jsonl", "tree"} <= got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_directories_for_ca_dir(shell, tmp_path):
+def test_completes_directories_for_ca_dir(shell, tmp_path, loader):
     (tmp_path / "traffic.jsonl").write_text("")
     (tmp_path / "tree").mkdir()
-    got = names(complete(shell, f"dumpproxy --ca-dir {tmp_path}/tr", tmp_path))
+    got = names(complete(loader, shell, f"dumpproxy --ca-dir {tmp_path}/tr", tmp_path))
     assert "tree" in got, got
     assert "traffic.jsonl" not in got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_command_after_double_dash(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy -q -- ech", tmp_path))
+def test_completes_command_after_double_dash(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy -q -- ech", tmp_path))
     assert "echo" in got, got
-    got = names(complete(shell, "dumpproxy -q -- --ig", tmp_path))
+    got = names(complete(loader, shell, "dumpproxy -q -- --ig", tmp_path))
     assert "--ignore-hosts" not in got, got
 
 
@@ -811,3 +886,17 @@ def test_completions_option_prints_the_file(shell, path):
                           capture_output=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == path.read_bytes()
+
+
+@pytest.mark.parametrize("shell, path", [("bash", BASH), ("zsh", ZSH), ("fish", FISH)])
+def test_installed_completions_are_the_files(shell, path, venv_bin):
+    """From a non-editable install (no checkout beside the package) as well."""
+    assert installed_completions(venv_bin, shell) == path.read_bytes()
+    site = list((venv_bin.parent / "lib").glob("python3*/site-packages/dumpproxy"))
+    assert site and not (site[0].parent / "completions").exists()
+
+
+def test_venv_bash_completes_from_the_printed_script(venv_bin):
+    # `source <(dumpproxy --completions bash)` in a real bash, as the man page says
+    got = complete_bash("dumpproxy --mo", loader=Loader("venv", venv_bin))
+    assert got == ["--mode"], got
