@@ -382,9 +382,10 @@ def fish_value_options() -> set[str]:
 # --------------------------------------------------------------------------- consistency
 
 
-def diff_message(where: str, found: set[str], expected: set[str]) -> str:
+def diff_message(where: str, found: set[str], expected: set[str],
+                 source: str = "the parser") -> str:
     missing, extra = sorted(expected - found), sorted(found - expected)
-    return f"{where}: missing {missing}, not in the parser {extra}"
+    return f"{where}: missing {missing}, not in {source} {extra}"
 
 
 def test_parser_has_the_documented_option_list():
@@ -772,7 +773,8 @@ def test_man_shutdown_reasons_match_code():
 
     documented = {t for tag in man_sublist("EVENTS", "shutdown") for t in tag.split(", ")}
     in_code = {r.format(command="cmd") for r in SHUTDOWN_REASONS}
-    assert documented == in_code, diff_message("man page shutdown reasons", documented, in_code)
+    assert documented == in_code, diff_message("man page shutdown reasons", documented,
+                                               in_code, "the code")
 
 
 def test_shutdown_reasons_come_from_the_constants():
@@ -790,7 +792,8 @@ def test_man_exit_statuses_match_code():
 
     documented = set(man_tags(man_section("EXIT STATUS")))
     in_code = {str(s) for s in EXIT_STATUSES} | {f"{EXIT_SIGNAL_BASE}+n"}
-    assert documented == in_code, diff_message("man page EXIT STATUS", documented, in_code)
+    assert documented == in_code, diff_message("man page EXIT STATUS", documented, in_code,
+                                               "the code")
 
 
 def test_exit_statuses_come_from_the_constants():
@@ -805,7 +808,7 @@ def test_man_signals_match_code():
 
     documented = {t for tag in man_tags(man_section("SIGNALS")) for t in tag.split(", ")}
     in_code = {s.name for s in (*STOP_SIGNALS, RELOAD_SIGNAL)}
-    assert documented == in_code, diff_message("man page SIGNALS", documented, in_code)
+    assert documented == in_code, diff_message("man page SIGNALS", documented, in_code, "the code")
 
 
 def test_man_error_stages_are_a_closed_list():
