@@ -1,7 +1,8 @@
 # bash completion for dumpproxy(1)                          -*- shell-script -*-
 #
-# Install as /usr/share/bash-completion/completions/dumpproxy, or source it from
-# ~/.bashrc. Uses bash-completion's helpers when they are loaded, and works
+# Install with `dumpproxy --completions bash > ~/.local/share/bash-completion/completions/dumpproxy`
+# (or /usr/share/bash-completion/completions/dumpproxy), or add
+# `source <(dumpproxy --completions bash)` to ~/.bashrc. Uses bash-completion's helpers when they are loaded, and works
 # without them.
 
 # Every option of dumpproxy, long and short forms (kept in sync with
@@ -34,6 +35,7 @@ _dumpproxy_options='
     --schema
     -q --quiet
     -v --verbose
+    --completions
     --version
     -h --help
 '
@@ -114,6 +116,7 @@ _dumpproxy()
             return
             ;;
         --mode)
+            # upstream:, reverse:, socks5 and transparent: not yet implemented (refused at startup).
             COMPREPLY=($(compgen -W 'regular upstream: reverse: socks5 transparent' -- "$cur"))
             # "upstream:" and "reverse:" are followed by a URL, not a space.
             [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *: ]] && compopt -o nospace 2>/dev/null
@@ -121,6 +124,10 @@ _dumpproxy()
             ;;
         --format)
             COMPREPLY=($(compgen -W 'json text' -- "$cur"))
+            return
+            ;;
+        --completions)
+            COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur"))
             return
             ;;
         --listen-host)

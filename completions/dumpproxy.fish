@@ -1,6 +1,6 @@
-# fish completion for dumpproxy(1). Install as
-# /usr/share/fish/vendor_completions.d/dumpproxy.fish or
-# ~/.config/fish/completions/dumpproxy.fish.
+# fish completion for dumpproxy(1). Install with
+# `dumpproxy --completions fish > ~/.config/fish/completions/dumpproxy.fish`
+# (or /usr/share/fish/vendor_completions.d/dumpproxy.fish).
 
 # True once "--" (wrap mode: dumpproxy [OPTIONS] -- CMD [ARG...]) is on the line.
 function __fish_dumpproxy_wrapping
@@ -36,10 +36,10 @@ complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d '
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
 complete -c dumpproxy $opts -l mode -x -d 'Proxy mode (default regular)' -a '
     regular\t"Explicit HTTP(S) proxy (default)"
-    upstream:\t"Through the HTTP proxy at URL (upstream:URL)"
-    reverse:\t"Act as the server at URL (reverse:URL)"
-    socks5\t"SOCKS5 proxy"
-    transparent\t"Transparent proxy (iptables/nftables)"'
+    upstream:\t"Through the HTTP proxy at URL (not yet implemented)"
+    reverse:\t"Act as the server at URL (not yet implemented)"
+    socks5\t"SOCKS5 proxy (not yet implemented)"
+    transparent\t"Transparent proxy (not yet implemented)"'
 complete -c dumpproxy $opts -l ignore-hosts -x -d 'Pass matching destinations through (regex, repeatable)'
 complete -c dumpproxy $opts -l allow-hosts -x -d 'Intercept only matching destinations (regex, repeatable)'
 complete -c dumpproxy $opts -l ignore-hosts-file -r -F -d 'Read ignore patterns from FILE (- for stdin)'
@@ -58,11 +58,12 @@ complete -c dumpproxy $opts -l upstream-ca -r -F -d 'Extra CA bundle trusted for
 complete -c dumpproxy $opts -l bodies -d 'Include bodies in response events'
 complete -c dumpproxy $opts -l max-body-bytes -x -d 'Cap on each body kept in an event (default 65536)'
 complete -c dumpproxy $opts -l no-redact -d 'Show credential header values'
-complete -c dumpproxy $opts -l proxyauth -x -d 'Require proxy authentication (USER:PASS)'
+complete -c dumpproxy $opts -l proxyauth -x -d 'Require proxy authentication, HTTP Basic only for now (USER:PASS)'
 complete -c dumpproxy $opts -s o -l output -r -F -d 'Write events to FILE (appending)'
 complete -c dumpproxy $opts -l format -x -a 'json text' -d 'Output format (default json)'
 complete -c dumpproxy $opts -l schema -d 'Print the JSON Schema of the events and exit'
 complete -c dumpproxy $opts -s q -l quiet -d 'Print less on stderr'
 complete -c dumpproxy $opts -s v -l verbose -d 'Print more on stderr'
+complete -c dumpproxy $opts -l completions -x -a 'bash zsh fish' -d 'Print the completion script for a shell and exit'
 complete -c dumpproxy $opts -l version -d 'Print the version and exit'
 complete -c dumpproxy $opts -s h -l help -d 'Print a usage summary and exit'

@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import ssl
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -112,39 +113,37 @@ class CA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _unwritable(ca_dir: str, e: OSError) -> CAError:
+    """One line naming the directory, why, and what to do."""
+    return CAError(
+        f"{ca_dir}: cannot write the CA there: {e.strerror or e}; give --ca-dir (or "
+        f"DUMPPROXY_HOME) a directory you own, or fix its owner and permissions"
+    )
+
+
 def load_or_create_ca(ca_dir: str) -> CA:
-    """Load the CA from ca_dir, creating it (and the dir) on first use."""
+    """Load the CA from ca_dir, creating it (and the dir) on first use.
+
+    Every failure is a CAError with one line naming the file or directory and the fix."""
     try:
         os.makedirs(ca_dir, mode=0o700, exist_ok=True)
     except OSError as e:
-        raise CAError(f"{ca_dir}: cannot create CA directory: {e.strerror}") from None
+        raise CAError(
+            f"{ca_dir}: cannot create CA directory: {e.strerror}; give --ca-dir (or "
+            f"DUMPPROXY_HOME) a directory you can create or own"
+        ) from None
     path = os.path.join(ca_dir, CA_FILE)
+    _check_surroundings(ca_dir, path)
     if not os.path.exists(path):
-        key, cert = _new_ca()
-        blob = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ) + cert.public_bytes(serialization.Encoding.PEM)
-        fd, tmp = tempfile.mkstemp(dir=ca_dir, prefix=".tmp-ca-")
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, blob)
-            os.fsync(fd)
-            os.close(fd)
-            try:
-                os.link(tmp, path)  # fails if another process created it first: use theirs
-            except FileExistsError:
-                pass
-        except OSError as e:
-            raise CAError(f"{path}: cannot write CA: {e.strerror}") from None
-        finally:
-            os.unlink(tmp)
+        _create_ca_file(ca_dir, path)
     try:
         with open(path, "rb") as f:
             blob = f.read()
     except OSError as e:
-        raise CAError(f"{path}: cannot read CA: {e.strerror}") from None
+        raise CAError(
+            f"{path}: cannot read CA: {e.strerror}; use --ca-dir (or DUMPPROXY_HOME) with "
+            f"a directory of your own, or run as the CA's owner"
+        ) from None
     try:
         key = serialization.load_pem_private_key(blob, password=None)
         cert = x509.load_pem_x509_certificate(blob[blob.index(b"-----BEGIN CERTIFICATE") :])
@@ -158,8 +157,14 @@ def load_or_create_ca(ca_dir: str) -> CA:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise CAError(f"{path}: the key does not match the certificate; move it away")
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o600)
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError as e:
+        raise CAError(
+            f"{path}: the CA key is readable by others and cannot be made private "
+            f"({e.strerror}); run 'chmod 600 {path}' as its owner, or use --ca-dir"
+        ) from None
     cert_path = os.path.join(ca_dir, CA_CERT_FILE)
     pem = cert.public_bytes(serialization.Encoding.PEM)
     try:
@@ -168,8 +173,59 @@ def load_or_create_ca(ca_dir: str) -> CA:
     except OSError:
         current = None
     if current != pem:
-        _write_atomic(cert_path, pem, 0o644)
+        try:
+            _write_atomic(cert_path, pem, 0o644)
+        except OSError as e:
+            raise _unwritable(ca_dir, e) from None
     return CA(key, cert, cert_path)  # type: ignore[arg-type]
+
+
+def _check_surroundings(ca_dir: str, path: str) -> None:
+    """Refuse a CA others could swap: a directory other users may write to (they could
+    replace ca.pem with a CA of their own, or read a fresh key mid-write), and a ca.pem
+    that is a symbolic link (its target would be read, and chmod-ed, wherever it is)."""
+    try:
+        st = os.stat(ca_dir)
+    except OSError as e:
+        raise CAError(f"{ca_dir}: cannot use the CA directory: {e.strerror}") from None
+    if st.st_mode & 0o022:
+        mode = stat.S_IMODE(st.st_mode)
+        raise CAError(
+            f"{ca_dir}: the CA directory is writable by other users (mode {mode:04o}), who "
+            f"could swap the CA; run 'chmod 700 {ca_dir}' or give --ca-dir a private "
+            f"directory"
+        )
+    if os.path.islink(path):
+        raise CAError(
+            f"{path}: the CA key file is a symbolic link; replace it with the file itself "
+            f"(or give --ca-dir the directory it lives in)"
+        )
+
+
+def _create_ca_file(ca_dir: str, path: str) -> None:
+    try:  # before the key is made: an unwritable directory fails at once
+        fd, tmp = tempfile.mkstemp(dir=ca_dir, prefix=".tmp-ca-")
+    except OSError as e:
+        raise _unwritable(ca_dir, e) from None
+    try:
+        key, cert = _new_ca()
+        blob = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ) + cert.public_bytes(serialization.Encoding.PEM)
+        os.fchmod(fd, 0o600)
+        os.write(fd, blob)
+        os.fsync(fd)
+        os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it first: use theirs
+        except FileExistsError:
+            pass
+    except OSError as e:
+        raise _unwritable(ca_dir, e) from None
+    finally:
+        os.unlink(tmp)
 
 
 class CertStore:

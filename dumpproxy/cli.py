@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import os
+import re
 import ssl
 import sys
+from typing import NoReturn
 
 import orjson
 
@@ -14,9 +17,21 @@ from dumpproxy import __version__
 from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
 from dumpproxy.config import Config
 from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
+from dumpproxy.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 
 MODES = ("regular", "upstream:URL", "reverse:URL", "socks5", "transparent")
 IMPLEMENTED_MODES = ("regular",)
+SHELLS = ("bash", "zsh", "fish")
+
+USAGE = """\
+dumpproxy [OPTIONS]                        run the proxy; events to stdout
+       dumpproxy [OPTIONS] -- CMD [ARG...]        run CMD through the proxy (wrap mode)
+       dumpproxy [OPTIONS] --check HOST:PORT...   print the decision for each target
+       dumpproxy --pattern-for HOST:PORT          print the exact-match pattern
+       dumpproxy [--ca-dir DIR] --print-ca        print the CA certificate
+       dumpproxy --completions bash|zsh|fish      print a shell completion script
+       dumpproxy --schema                         print the JSON Schema of the events
+       dumpproxy har [FILE...]                    convert event streams to HAR 1.2"""
 
 DESCRIPTION = """\
 Intercepting HTTP(S) proxy that writes one JSON object per line for every event
@@ -29,29 +44,61 @@ with proxy and CA variables set, and exits with CMD's status.
 `dumpproxy har [FILE...]` converts event streams to one HAR 1.2 document
 (see `dumpproxy har --help`). SIGHUP reloads the pattern files and reopens -o FILE."""
 
+EPILOG = """\
+examples:
+  dumpproxy -p 8080 | jq -c 'select(.event=="response")'
+  dumpproxy -o traffic.jsonl --ignore-hosts-file ignore.txt -- ./run-tests
+  dumpproxy --ignore-hosts-file ignore.txt --check www.example.com:443
+
+Full reference, event fields and more examples: see dumpproxy(1)."""
+
+# Options whose value names a file or directory: an empty value is a mistake of its own.
+PATH_OPTIONS = {
+    "ignore_hosts_file": "--ignore-hosts-file",
+    "allow_hosts_file": "--allow-hosts-file",
+    "ca_dir": "--ca-dir",
+    "upstream_ca": "--upstream-ca",
+    "output": "--output",
+}
+
 
 class UsageError(Exception):
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `dumpproxy: error: ...`, exit 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        m = re.fullmatch(r"argument (\S+): expected (?:one|at least one) argument", message)
+        if m:
+            option = m.group(1).split("/")[-1]
+            metavar = next((a.metavar for a in self._actions if option in a.option_strings),
+                           None)
+            message = f"{option}: missing value ({option} {metavar or 'VALUE'})"
+        elif message.startswith("argument "):
+            message = message[len("argument "):]
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dumpproxy",
-        usage="dumpproxy [OPTIONS]\n       dumpproxy [OPTIONS] -- CMD [ARG...]\n"
-              "       dumpproxy har [FILE...]",
+        usage=USAGE,
         description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    a = p.add_argument
     g = p.add_argument_group("listening")
     g.add_argument("--listen-host", metavar="HOST", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1)")
     g.add_argument("-p", "--listen-port", metavar="PORT", type=_port, default=None,
                    help="port; 0 picks a free one (default: 8080; wrap mode: 0)")
-    g.add_argument("--mode", metavar="MODE", default="regular",
-                   help="regular (default), upstream:URL, reverse:URL, socks5, transparent")
+    g.add_argument("--mode", metavar="MODE", default=None,
+                   help="regular (default, an explicit HTTP(S) proxy); upstream:URL, "
+                        "reverse:URL, socks5 and transparent are not yet implemented")
     g.add_argument("--proxyauth", metavar="USER:PASS",
-                   help="require HTTP Basic proxy authentication")
+                   help="require proxy authentication (HTTP Basic only for now)")
     f = p.add_argument_group("intercept or pass through")
     f.add_argument("--ignore-hosts", metavar="REGEX", action="append", default=[],
                    help="pass matching destinations through untouched; repeatable")
@@ -104,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = o.add_mutually_exclusive_group()
     v.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
     v.add_argument("-v", "--verbose", action="store_true", help="more on stderr")
-    a("--version", action="version", version=f"dumpproxy {__version__}")
+    m = p.add_argument_group("miscellaneous")
+    m.add_argument("--completions", metavar="SHELL", choices=SHELLS,
+                   help="print the completion script for SHELL (bash, zsh or fish) and exit")
+    m.add_argument("--version", action="version", version=f"dumpproxy {__version__}")
     return p
 
 
@@ -130,17 +180,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _fail(message: str, status: int = 2) -> int:
+def _fail(message: str, status: int = EXIT_USAGE) -> int:
     print(f"dumpproxy: error: {message}", file=sys.stderr)
     return status
 
 
 def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Config:
-    mode = args.mode
+    mode = args.mode or "regular"
     known = [m.split(":")[0] for m in MODES]
     kind = mode.split(":", 1)[0]
     if kind not in known:
-        raise UsageError(f"--mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+        hint = difflib.get_close_matches(kind, known, n=1)
+        hint_text = f"; did you mean {hint[0]}?" if hint else f" (choose from {', '.join(MODES)})"
+        raise UsageError(f"--mode: unknown mode {mode!r}{hint_text}")
     if kind in ("upstream", "reverse") and not mode.partition(":")[2]:
         raise UsageError(f"--mode: {kind} needs a URL ({kind}:http://host:port)")
     if kind not in IMPLEMENTED_MODES:
@@ -197,7 +249,7 @@ def check_targets(hf: HostFilter, targets: list[str]) -> int:
         )
     sys.stdout.buffer.write(bytes(out))
     sys.stdout.flush()
-    return 0
+    return EXIT_OK
 
 
 def event_loop_runner():
@@ -213,6 +265,30 @@ def event_loop_runner():
     return asyncio.run
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
+                  command: list[str] | None) -> str:
+    """The message for words argparse did not take: a misspelt option, or a command
+    written without `--` before it."""
+    word = extra[0]
+    if word.startswith("-") and word != "-":
+        name = word.split("=", 1)[0]
+        options = [s[2:] for a in parser._actions for s in a.option_strings
+                   if s.startswith("--")]
+        close = difflib.get_close_matches(name.lstrip("-"), options, n=1, cutoff=0.7)
+        hint = f"; did you mean --{close[0]}?" if close else "; see dumpproxy --help"
+        return f"unrecognized option {name!r}{hint}"
+    if command is None:
+        return (f"unexpected argument {word!r}; to run a command through the proxy, put "
+                f"'--' before it: dumpproxy [OPTIONS] -- {' '.join(extra)}")
+    return f"unexpected argument {word!r} before '--'"
+
+
+def completion_script(shell: str) -> bytes:
+    from dumpproxy.completions import script
+
+    return script(shell)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["har"]:  # a subcommand with its own options
@@ -224,21 +300,35 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, command = argv[:i], argv[i + 1 :]
         if not command:
-            return _fail("nothing to run after '--'")
+            return _fail("nothing to run after '--' (dumpproxy [OPTIONS] -- CMD [ARG...])")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UsageError(_unrecognized(parser, extra, command))
+        _check_combinations(args, command)
+    except UsageError as e:
+        return _fail(str(e))
+    if args.completions is not None:
+        try:
+            sys.stdout.buffer.write(completion_script(args.completions))
+        except OSError as e:
+            return _fail(f"--completions: cannot find the {args.completions} script: {e}",
+                         EXIT_RUNTIME)
+        sys.stdout.flush()
+        return EXIT_OK
     if args.schema:
         from dumpproxy.schema import schema_text
 
         sys.stdout.buffer.write(schema_text())
         sys.stdout.flush()
-        return 0
+        return EXIT_OK
     if args.pattern_for is not None:
         try:
             print(exact_pattern(args.pattern_for))
         except ValueError as e:
             return _fail(f"--pattern-for: {e}")
-        return 0
+        return EXIT_OK
     stdin_users = (args.ignore_hosts_file + args.allow_hosts_file).count("-") + (
         args.check == ["-"]
     )
@@ -262,11 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ca = load_or_create_ca(cfg.ca_dir)
     except CAError as e:
-        return _fail(str(e), 1)
+        return _fail(str(e), EXIT_RUNTIME)
     if args.print_ca:
         sys.stdout.buffer.write(ca.pem)
         sys.stdout.flush()
-        return 0
+        return EXIT_OK
     if cfg.output:
         try:
             fd = os.open(cfg.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -279,4 +369,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return event_loop_runner()(run(cfg, hf, ca, fd, command))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _check_combinations(args: argparse.Namespace, command: list[str] | None) -> None:
+    """Empty file names and options that make no sense together: one-line usage errors."""
+    for dest, option in PATH_OPTIONS.items():
+        value = getattr(args, dest)
+        values = value if isinstance(value, list) else [value]
+        if "" in values:
+            raise UsageError(f"{option}: empty file name (give a path"
+                             + (", or - for standard input)" if "hosts" in dest else ")"))
+    exits_at_once = [name for name, given in (
+        ("--completions", args.completions is not None),
+        ("--schema", args.schema),
+        ("--pattern-for", args.pattern_for is not None),
+        ("--check", bool(args.check)),
+        ("--print-ca", args.print_ca),
+    ) if given]
+    if len(exits_at_once) > 1:
+        raise UsageError(f"{exits_at_once[0]} cannot be combined with {exits_at_once[1]}")
+    if exits_at_once:
+        what = exits_at_once[0]
+        if command is not None:
+            raise UsageError(f"{what} cannot be combined with '-- {command[0]}': it prints "
+                             f"and exits without running a command")
+        if args.mode is not None and what != "--print-ca":
+            raise UsageError(f"{what} cannot be combined with --mode: it uses no listener")

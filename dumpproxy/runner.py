@@ -19,6 +19,19 @@ from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter
 from dumpproxy.proxy import Proxy
 from dumpproxy.schema import Error
+from dumpproxy.status import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_SIGNAL_BASE,
+    REASON_COMMAND_EXITED,
+    REASON_OUTPUT_CLOSED,
+    REASON_OUTPUT_FAILED,
+    RELOAD_SIGNAL,
+    STOP_SIGNALS,
+    cannot_run,
+)
 
 WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
@@ -56,7 +69,26 @@ def wrap_env(proxy_url: str, bundle: str) -> dict[str, str]:
 
 
 def _status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
+    return EXIT_SIGNAL_BASE - returncode if returncode < 0 else returncode
+
+
+def listen_error(host: str, port: int, e: OSError) -> str:
+    """`cannot listen on HOST:PORT: address already in use`: the system's words for the
+    errno, not the event loop's ("error while attempting to bind on address (...)")."""
+    why = os.strerror(e.errno) if e.errno else str(e)
+    why = why[:1].lower() + why[1:]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"cannot listen on {where}: {why}"
+
+
+def no_proxy_note(env: dict[str, str]) -> str | None:
+    """Wrap mode keeps NO_PROXY from the environment: say so, or a capture may stay empty
+    without a word."""
+    value = env.get("NO_PROXY") or env.get("no_proxy")
+    if not value:
+        return None
+    return (f"dumpproxy: note: NO_PROXY={value} is set: the command will not use the proxy "
+            f"for those hosts (unset NO_PROXY no_proxy to record them)")
 
 
 def is_loopback(host: str) -> bool:
@@ -96,12 +128,13 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     def output_failed(why: str) -> None:
         # Serving on while dropping events would break the record: stop, exit 1.
         print(f"dumpproxy: error: cannot write events to {output}: {why}", file=sys.stderr)
-        trigger("output failed")
+        trigger(REASON_OUTPUT_FAILED)
 
-    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"),
+    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger(REASON_OUTPUT_CLOSED),
                          on_failed=output_failed)
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
+
     def on_hup() -> None:
         """Reload the pattern files, then reopen -o FILE (logrotate: rename, then HUP)."""
         proxy.reload_filter()
@@ -117,7 +150,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
                     print(f"dumpproxy: reopened {cfg.output}", file=sys.stderr)
 
     # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(RELOAD_SIGNAL, on_hup)
     # wrap mode: SIGINT/SIGTERM go to CMD; one that comes before CMD runs waits for it
     # (one handler throughout: a signal read just before CMD started may run it just after)
     early: list[int] = []
@@ -129,7 +162,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         else:
             early.append(sig)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         if command is None:
             loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
         else:
@@ -138,12 +171,12 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         await proxy.start()
     except OSError as e:
         certs.close()
-        print(f"dumpproxy: error: cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 1
+        print(f"dumpproxy: error: {listen_error(cfg.listen_host, cfg.listen_port, e)}",
+              file=sys.stderr)
+        return EXIT_RUNTIME
     if writer.failure is not None:  # not even `listening` could be written
-        await proxy.stop("output failed")
-        return 1
+        await proxy.stop(REASON_OUTPUT_FAILED)
+        return EXIT_RUNTIME
     if not cfg.proxyauth and not is_loopback(cfg.listen_host) and cfg.verbosity >= 0:
         print(f"dumpproxy: warning: listening on {proxy.address} without --proxyauth: "
               "anyone who can reach this port can use the proxy", file=sys.stderr)
@@ -157,20 +190,23 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     if command is None:
         await stop.wait()
         await proxy.stop(reason[0])
-        return 1 if writer.failure is not None else 0
+        return EXIT_RUNTIME if writer.failure is not None else EXIT_OK
 
     bundle = write_bundle(ca)
     try:
         env = wrap_env(f"http://{proxy.address}", bundle)
+        note = no_proxy_note(env)
+        if note and cfg.verbosity >= 0:
+            print(note, file=sys.stderr)
         try:
             child = await asyncio.create_subprocess_exec(
                 *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),
             )
         except OSError as e:
-            await proxy.stop(f"cannot run {command[0]}")
+            await proxy.stop(cannot_run(command[0]))
             print(f"dumpproxy: error: cannot run {command[0]}: {e.strerror or e}",
                   file=sys.stderr)
-            return 127 if isinstance(e, FileNotFoundError) else 126
+            return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
         wrapped.append(child)
         for sig in early:
             _forward_signal(child, sig)
@@ -181,8 +217,8 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             _forward_signal(child, signal.SIGTERM)
         code = await waiter
         stopper.cancel()
-        await proxy.stop(reason[0] if reason else "command exited", grace=WRAP_GRACE)
-        return 1 if writer.failure is not None else _status(code)
+        await proxy.stop(reason[0] if reason else REASON_COMMAND_EXITED, grace=WRAP_GRACE)
+        return EXIT_RUNTIME if writer.failure is not None else _status(code)
     finally:
         os.unlink(bundle)
 

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -381,9 +382,10 @@ def fish_value_options() -> set[str]:
 # --------------------------------------------------------------------------- consistency
 
 
-def diff_message(where: str, found: set[str], expected: set[str]) -> str:
+def diff_message(where: str, found: set[str], expected: set[str],
+                 source: str = "the parser") -> str:
     missing, extra = sorted(expected - found), sorted(found - expected)
-    return f"{where}: missing {missing}, not in the parser {extra}"
+    return f"{where}: missing {missing}, not in {source} {extra}"
 
 
 def test_parser_has_the_documented_option_list():
@@ -509,7 +511,11 @@ BASH_DRIVER = r"""
 if [[ $WITH_BASH_COMPLETION == 1 ]]; then
     source "$BASH_COMPLETION_FILE" || exit 90
 fi
-source "$COMPLETION_FILE" || exit 91
+if [[ -n ${COMPLETION_COMMAND:-} ]]; then
+    source <($COMPLETION_COMMAND) || exit 91
+else
+    source "$COMPLETION_FILE" || exit 91
+fi
 spec=$(complete -p dumpproxy) || exit 92
 fn=$(sed -n 's/.*-F \([^ ]*\).*/\1/p' <<<"$spec")
 [[ -n $fn ]] || exit 93
@@ -553,27 +559,67 @@ def run(argv: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
-def complete_bash(line: str, with_bash_completion: bool = True) -> list[str]:
+class Loader:
+    """Where the shells get the completion scripts: the checkout's files, or an installed
+    dumpproxy's `--completions` output (a venv, as after `pip install` or pipx)."""
+
+    def __init__(self, name: str, bin_dir: Path | None = None):
+        self.name = name
+        self.bin_dir = bin_dir
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, **extra)
+        if self.bin_dir is not None:
+            env["PATH"] = f"{self.bin_dir}{os.pathsep}{env['PATH']}"
+        return env
+
+    def zsh_dir(self, tmp_path: Path) -> Path:
+        if self.bin_dir is None:
+            return ZSH.parent
+        d = tmp_path / "zfunc"  # as the man page says: --completions zsh > DIR/_dumpproxy
+        d.mkdir(exist_ok=True)
+        (d / "_dumpproxy").write_bytes(installed_completions(self.bin_dir, "zsh"))
+        return d
+
+    def fish_load(self) -> str:
+        if self.bin_dir is None:
+            return f"source {shlex.quote(str(FISH))}"
+        return "dumpproxy --completions fish | source"
+
+
+CHECKOUT = Loader("checkout")
+
+
+def installed_completions(bin_dir: Path, shell: str) -> bytes:
+    proc = subprocess.run([str(bin_dir / "dumpproxy"), "--completions", shell],
+                          capture_output=True, timeout=SHELL_TIMEOUT, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def complete_bash(line: str, with_bash_completion: bool = True,
+                  loader: Loader = CHECKOUT) -> list[str]:
     bash = need("bash")
     if with_bash_completion:
         assert BASH_COMPLETION.is_file(), f"{BASH_COMPLETION} missing: install bash-completion"
-    env = dict(
-        os.environ,
+    env = loader.env(
         LINE=line,
         COMPLETION_FILE=str(BASH),
         BASH_COMPLETION_FILE=str(BASH_COMPLETION),
         WITH_BASH_COMPLETION="1" if with_bash_completion else "0",
     )
+    if loader.bin_dir is not None:
+        env["COMPLETION_COMMAND"] = "dumpproxy --completions bash"
     out = run([bash, "--noprofile", "--norc", "-c", BASH_DRIVER], env=env)
     return [w for w in out.splitlines() if w]
 
 
-def complete_zsh(line: str, tmp_path: Path) -> list[str]:
+def complete_zsh(line: str, tmp_path: Path, loader: Loader = CHECKOUT) -> list[str]:
     zsh = need("zsh")
     driver = tmp_path / "drive.zsh"
     driver.write_text(ZSH_DRIVER, encoding="utf-8")
-    env = dict(os.environ, TERM="xterm", HOME=str(tmp_path), ZDOTDIR=str(tmp_path))
-    raw = run([zsh, "-f", str(driver), str(ZSH.parent), line], env=env)
+    env = loader.env(TERM="xterm", HOME=str(tmp_path), ZDOTDIR=str(tmp_path))
+    raw = run([zsh, "-f", str(driver), str(loader.zsh_dir(tmp_path)), line], env=env)
     # Terminal control sequences and carriage returns become line breaks; the listing runs
     # from the first group heading (==description==) to the redrawn command line.
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r", "\n", raw)
@@ -590,22 +636,53 @@ def complete_zsh(line: str, tmp_path: Path) -> list[str]:
     return words
 
 
-def complete_fish(line: str) -> list[str]:
+def complete_fish(line: str, loader: Loader = CHECKOUT) -> list[str]:
     fish = need("fish")
-    out = run([fish, "--no-config", "-c", "source $argv[1]; complete -C $argv[2]", str(FISH), line])
+    out = run([fish, "--no-config", "-c", f"{loader.fish_load()}; complete -C $argv[1]", line],
+              env=loader.env())
     return [ln.split("\t")[0] for ln in out.splitlines() if ln]
 
 
-def complete(shell: str, line: str, tmp_path: Path) -> list[str]:
+def complete(loader: Loader, shell: str, line: str, tmp_path: Path) -> list[str]:
     if shell == "bash":
-        return complete_bash(line)
+        return complete_bash(line, loader=loader)
     if shell == "bash-without-bash-completion":
-        return complete_bash(line, with_bash_completion=False)
+        return complete_bash(line, with_bash_completion=False, loader=loader)
     if shell == "zsh":
-        return complete_zsh(line, tmp_path)
+        return complete_zsh(line, tmp_path, loader)
     if shell == "fish":
-        return complete_fish(line)
+        return complete_fish(line, loader)
     raise AssertionError(shell)
+
+
+@pytest.fixture(scope="session")
+def venv_bin(tmp_path_factory) -> Path:
+    """dumpproxy installed from a copy of this checkout into a fresh venv (offline: no
+    dependencies fetched, the system site-packages provide them and the build backend)."""
+    base = tmp_path_factory.mktemp("venv-install")
+    src = base / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("dumpproxy", "man", "completions"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "-q", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (venv / "bin" / "dumpproxy").is_file()
+    return venv / "bin"
+
+
+@pytest.fixture(params=["checkout", "venv"])
+def loader(request) -> Loader:
+    if request.param == "checkout":
+        return CHECKOUT
+    return Loader("venv", request.getfixturevalue("venv_bin"))
 
 
 SHELLS = ["bash", "bash-without-bash-completion", "zsh", "fish"]
@@ -617,53 +694,212 @@ def names(words: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_option_prefix(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy --ig", tmp_path))
+def test_completes_option_prefix(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy --ig", tmp_path))
     assert {"--ignore-hosts", "--ignore-hosts-file"} <= got, got
     assert "--allow-hosts" not in got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_modes(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy --mode ", tmp_path))
+def test_completes_modes(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy --mode ", tmp_path))
     assert MODES <= got, got
     assert not any(w.startswith("-") for w in got), got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_formats(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy -q --format ", tmp_path))
+def test_completes_formats(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy -q --format ", tmp_path))
     assert {"json", "text"} <= got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_offers_every_option(shell, tmp_path):
-    got = {w for w in complete(shell, "dumpproxy -", tmp_path) if w.startswith("-")}
+def test_offers_every_option(shell, tmp_path, loader):
+    got = {w for w in complete(loader, shell, "dumpproxy -", tmp_path) if w.startswith("-")}
     expected = parser_options()
     assert got == expected, diff_message(f"{shell} completing 'dumpproxy -'", got, expected)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize("option", ["-o", "--output", "--ignore-hosts-file", "--upstream-ca"])
-def test_completes_files(shell, option, tmp_path):
+def test_completes_files(shell, option, tmp_path, loader):
     (tmp_path / "traffic.jsonl").write_text("")
     (tmp_path / "tree").mkdir()
-    got = names(complete(shell, f"dumpproxy {option} {tmp_path}/tr", tmp_path))
+    got = names(complete(loader, shell, f"dumpproxy {option} {tmp_path}/tr", tmp_path))
     assert {"traffic.jsonl", "tree"} <= got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_directories_for_ca_dir(shell, tmp_path):
+def test_completes_directories_for_ca_dir(shell, tmp_path, loader):
     (tmp_path / "traffic.jsonl").write_text("")
     (tmp_path / "tree").mkdir()
-    got = names(complete(shell, f"dumpproxy --ca-dir {tmp_path}/tr", tmp_path))
+    got = names(complete(loader, shell, f"dumpproxy --ca-dir {tmp_path}/tr", tmp_path))
     assert "tree" in got, got
     assert "traffic.jsonl" not in got, got
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_completes_command_after_double_dash(shell, tmp_path):
-    got = names(complete(shell, "dumpproxy -q -- ech", tmp_path))
+def test_completes_command_after_double_dash(shell, tmp_path, loader):
+    got = names(complete(loader, shell, "dumpproxy -q -- ech", tmp_path))
     assert "echo" in got, got
-    got = names(complete(shell, "dumpproxy -q -- --ig", tmp_path))
+    got = names(complete(loader, shell, "dumpproxy -q -- --ig", tmp_path))
     assert "--ignore-hosts" not in got, got
+
+
+# --------------------------------------------------------------------------- reference vs code
+
+
+def man_tags(lines: list[str]) -> list[str]:
+    return [macro_text(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == ".TP"]
+
+
+def man_sublist(section: str, item: str) -> list[str]:
+    """The tags of the indented (.RS ... .RE) list inside the entry `.B item` of section."""
+    lines = man_section(section)
+    depth, start = 0, None
+    for i, line in enumerate(lines):
+        depth += {".RS": 1, ".RE": -1}.get(line, 0)
+        if depth == 0 and line == f".B {item}" and lines[i - 1] == ".TP":
+            start = i
+            break
+    assert start is not None, f"{section} has no entry {item}"
+    rs = lines.index(".RS", start)
+    assert not [ln for ln in lines[start + 1 : rs] if ln == ".TP"], f"{item}: no list"
+    return man_tags(lines[rs : lines.index(".RE", rs)])
+
+
+def test_man_shutdown_reasons_match_code():
+    from dumpproxy.status import SHUTDOWN_REASONS
+
+    documented = {t for tag in man_sublist("EVENTS", "shutdown") for t in tag.split(", ")}
+    in_code = {r.format(command="cmd") for r in SHUTDOWN_REASONS}
+    assert documented == in_code, diff_message("man page shutdown reasons", documented,
+                                               in_code, "the code")
+
+
+def test_shutdown_reasons_come_from_the_constants():
+    # A reason written as a literal in the code would escape the comparison above.
+    runner = (ROOT / "dumpproxy" / "runner.py").read_text(encoding="utf-8")
+    literal = re.findall(r"\b(?:stop|trigger)\(\s*f?[\"']", runner)
+    assert not literal, f"runner.py passes literal shutdown reasons: {literal}"
+    events = re.findall(r"\"shutdown\"", "".join(
+        p.read_text(encoding="utf-8") for p in (ROOT / "dumpproxy").glob("*.py")))
+    assert events, "no shutdown event in the code"
+
+
+def test_man_exit_statuses_match_code():
+    from dumpproxy.status import EXIT_SIGNAL_BASE, EXIT_STATUSES
+
+    documented = set(man_tags(man_section("EXIT STATUS")))
+    in_code = {str(s) for s in EXIT_STATUSES} | {f"{EXIT_SIGNAL_BASE}+n"}
+    assert documented == in_code, diff_message("man page EXIT STATUS", documented, in_code,
+                                               "the code")
+
+
+def test_exit_statuses_come_from_the_constants():
+    for name in ("cli.py", "runner.py"):
+        text = (ROOT / "dumpproxy" / name).read_text(encoding="utf-8")
+        literal = re.findall(r"^\s*return \d+\b|_fail\([^)]*,\s*\d+\)", text, re.M)
+        assert not literal, f"{name}: exit statuses not from dumpproxy.status: {literal}"
+
+
+def test_man_signals_match_code():
+    from dumpproxy.status import RELOAD_SIGNAL, STOP_SIGNALS
+
+    documented = {t for tag in man_tags(man_section("SIGNALS")) for t in tag.split(", ")}
+    in_code = {s.name for s in (*STOP_SIGNALS, RELOAD_SIGNAL)}
+    assert documented == in_code, diff_message("man page SIGNALS", documented, in_code, "the code")
+
+
+def test_man_error_stages_are_a_closed_list():
+    # The list itself is compared with the event definitions elsewhere; here: no "..."
+    # left, and every tag is one stage name.
+    stages = man_sublist("EVENTS", "error")
+    assert len(stages) >= 12, stages
+    assert all(re.fullmatch(r"[a-z_0-9]+", s) for s in stages), stages
+    assert stages == sorted(stages)
+    events = " ".join(macro_text(line) for line in man_section("EVENTS"))
+    assert "..." not in events and "\u2026" not in events
+
+
+def test_man_page_has_the_reference_sections():
+    page = MAN.read_text(encoding="utf-8")
+    for section in ("SIGNALS", "SHELL COMPLETION", "CAVEATS", "SEE ALSO"):
+        assert man_section(section), section
+    see_also = " ".join(macro_text(line) for line in man_section("SEE ALSO"))
+    for page_ref in ("mitmproxy(1)", "jq(1)", "curl(1)"):
+        assert page_ref in see_also, see_also
+    caveats = " ".join(macro_text(line) for line in man_section("CAVEATS"))
+    for word in ("NO_PROXY", "fetch", "not yet implemented", "raw bytes"):
+        assert word.lower() in caveats.lower(), word
+    files = " ".join(macro_text(line) for line in man_section("FILES"))
+    from dumpproxy.certs import CA_CERT_FILE, CA_FILE
+
+    named = set(re.findall(r"ca-dir/([\w.-]+)", files))
+    assert named == {CA_FILE, CA_CERT_FILE}, named
+    assert "ca-key.pem" not in page
+
+
+def test_modes_not_implemented_are_said_so_everywhere():
+    from dumpproxy.cli import IMPLEMENTED_MODES, MODES, build_parser
+
+    planned = [m.split(":")[0] for m in MODES if m.split(":")[0] not in IMPLEMENTED_MODES]
+    assert planned
+    mode_help = next(a.help for a in build_parser()._actions if "--mode" in a.option_strings)
+    assert "not yet implemented" in mode_help and all(m in mode_help for m in planned)
+    options = " ".join(macro_text(line) for line in man_section("OPTIONS"))
+    mode_entry = options[options.index("--mode mode"):options.index("--proxyauth")]
+    assert "not yet implemented" in mode_entry
+    decision = " ".join(macro_text(line) for line in man_section("EVENTS"))
+    assert "not yet implemented" in decision[decision.index("decision Written"):][:300]
+    for path in (ZSH, FISH):
+        text = path.read_text(encoding="utf-8")
+        for mode in planned:
+            line = next(ln for ln in text.splitlines() if re.search(rf"\b{mode}\\?:", ln)
+                        or re.search(rf"^\s*'?{mode}[:\\]", ln))
+            assert "not yet implemented" in line, f"{path.name}: {line}"
+    bash = BASH.read_text(encoding="utf-8")
+    case = bash[bash.index("--mode)"):bash.index(";;", bash.index("--mode)"))]
+    assert "not yet implemented" in case
+
+
+def test_help_teaches():
+    proc = subprocess.run([sys.executable, "-m", "dumpproxy", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    usage = text[: text.index("\n\n")]
+    for form in ("dumpproxy [OPTIONS]", "-- CMD [ARG...]", "--check HOST:PORT",
+                 "--pattern-for HOST:PORT", "--print-ca", "--completions bash|zsh|fish"):
+        assert form in usage, form
+    examples = text[text.index("examples:"):]
+    assert len(re.findall(r"^  dumpproxy ", examples, re.M)) >= 2
+    assert text.rstrip().endswith("see dumpproxy(1).")
+    synopsis = " ".join(macro_text(line) for line in man_section("SYNOPSIS"))
+    for opt in set(OPTION_RE.findall(synopsis)) | {"--"}:
+        assert opt in usage, f"SYNOPSIS form with {opt} missing from --help usage"
+
+
+# --------------------------------------------------------------------------- --completions
+
+
+@pytest.mark.parametrize("shell, path", [("bash", BASH), ("zsh", ZSH), ("fish", FISH)])
+def test_completions_option_prints_the_file(shell, path):
+    proc = subprocess.run([sys.executable, "-m", "dumpproxy", "--completions", shell],
+                          capture_output=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == path.read_bytes()
+
+
+@pytest.mark.parametrize("shell, path", [("bash", BASH), ("zsh", ZSH), ("fish", FISH)])
+def test_installed_completions_are_the_files(shell, path, venv_bin):
+    """From a non-editable install (no checkout beside the package) as well."""
+    assert installed_completions(venv_bin, shell) == path.read_bytes()
+    site = list((venv_bin.parent / "lib").glob("python3*/site-packages/dumpproxy"))
+    assert site and not (site[0].parent / "completions").exists()
+
+
+def test_venv_bash_completes_from_the_printed_script(venv_bin):
+    # `source <(dumpproxy --completions bash)` in a real bash, as the man page says
+    got = complete_bash("dumpproxy --mo", loader=Loader("venv", venv_bin))
+    assert got == ["--mode"], got

@@ -145,7 +145,7 @@ def capture(p, path: Path) -> list[dict]:
     return [json.loads(line) for line in p.lines]
 
 
-def test_two_instances_into_one_table(tmp_path, dumpproxy, clickhouse, origin, origin2,
+def test_example_clickhouse(tmp_path, dumpproxy, clickhouse, origin, origin2,
                                       bin_dir):  # noqa: F811
     # traffic through two dumpproxy instances
     alpha, beta = dumpproxy(), dumpproxy()
@@ -209,3 +209,10 @@ def test_two_instances_into_one_table(tmp_path, dumpproxy, clickhouse, origin, o
     out = r.stdout
     assert f"alpha\t127.0.0.1:{origin.port}\t127.0.0.1:{origin.port}\t" in out
     assert "500\t2\n" in out and beta_origin in out
+
+
+def test_example_clickhouse_loader():
+    """The README quotes load.sh's pipeline: the quote is the script's own line."""
+    block = marked_blocks()["clickhouse-loader"].strip()
+    script = (ROOT / "contrib" / "clickhouse" / "load.sh").read_text()
+    assert block in [line.strip() for line in script.splitlines()]

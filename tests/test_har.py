@@ -501,7 +501,17 @@ def man_examples(section: str) -> list[str]:
     return out
 
 
-def test_readme_and_man_har_examples_run(tmp_path, bin_dir, dumpproxy, origin):  # noqa: F811
+def test_example_har(tmp_path, bin_dir, dumpproxy, origin):  # noqa: F811
+    """The README's HAR block, run for real."""
+    run_har_examples(tmp_path, bin_dir, dumpproxy, origin, "readme")
+
+
+def test_example_har_files(tmp_path, bin_dir, dumpproxy, origin):  # noqa: F811
+    """The man page's HAR example, run for real."""
+    run_har_examples(tmp_path, bin_dir, dumpproxy, origin, "man")
+
+
+def run_har_examples(tmp_path, bin_dir, dumpproxy, origin, which: str) -> None:  # noqa: F811
     from test_readme import clean_env, marked_blocks, run_bash
 
     p = dumpproxy()
@@ -523,7 +533,8 @@ def test_readme_and_man_har_examples_run(tmp_path, bin_dir, dumpproxy, origin): 
 
     man = man_examples("HAR")
     assert man and all(line.startswith("dumpproxy har ") for line in man)
-    for name, script in (("readme", marked_blocks()["har"]), ("man", "\n".join(man) + "\n")):
+    scripts = {"readme": marked_blocks()["har"], "man": "\n".join(man) + "\n"}
+    for name, script in ((which, scripts[which]),):
         (work / "traffic.har").unlink(missing_ok=True)
         (work / f"{name}.sh").write_text(script)
         r = run_bash(["-eu", "-o", "pipefail", f"{name}.sh"], cwd=work, env=env)
@@ -532,6 +543,8 @@ def test_readme_and_man_har_examples_run(tmp_path, bin_dir, dumpproxy, origin): 
         doc = json.loads((work / "traffic.har").read_text())
         check_har(doc)
         assert doc == whole, name
+    if which != "readme":
+        return
     suite_har = json.loads((work / "suite.har").read_text())
     assert [(e.request.url, e.status) for e in check_har(suite_har)] == [
         (f"http://127.0.0.1:{origin.port}/small", 200),
@@ -545,21 +558,21 @@ SHELLS = ["bash", "bash-without-bash-completion", "zsh", "fish"]
 
 @pytest.mark.parametrize("shell", SHELLS)
 def test_completes_the_har_subcommand_and_its_files(shell, tmp_path):
-    from test_cli_docs import complete, names
+    from test_cli_docs import CHECKOUT, complete, names
 
-    assert "har" in names(complete(shell, "dumpproxy h", tmp_path))
+    assert "har" in names(complete(CHECKOUT, shell, "dumpproxy h", tmp_path))
     (tmp_path / "traffic.jsonl").write_text("")
     (tmp_path / "tree").mkdir()
-    got = names(complete(shell, f"dumpproxy har {tmp_path}/tr", tmp_path))
+    got = names(complete(CHECKOUT, shell, f"dumpproxy har {tmp_path}/tr", tmp_path))
     assert {"traffic.jsonl", "tree"} <= got, got
-    got = names(complete(shell, f"dumpproxy har {tmp_path}/traffic.jsonl {tmp_path}/tr",
+    got = names(complete(CHECKOUT, shell, f"dumpproxy har {tmp_path}/traffic.jsonl {tmp_path}/tr",
                          tmp_path))
     assert {"traffic.jsonl", "tree"} <= got, got
 
 
 @pytest.mark.parametrize("shell", ["bash", "bash-without-bash-completion", "fish"])
 def test_no_proxy_options_after_har(shell, tmp_path):
-    from test_cli_docs import complete, names
+    from test_cli_docs import CHECKOUT, complete, names
 
-    assert "--ignore-hosts" not in names(complete(shell, "dumpproxy har --ig", tmp_path))
-    assert "--ignore-hosts" in names(complete(shell, "dumpproxy --ig", tmp_path))
+    assert "--ignore-hosts" not in names(complete(CHECKOUT, shell, "dumpproxy har --ig", tmp_path))
+    assert "--ignore-hosts" in names(complete(CHECKOUT, shell, "dumpproxy --ig", tmp_path))

@@ -1,105 +1,45 @@
 """The README's code runs: the CI traffic-capture recipe (bash, in a temp dir, against a
 local HTTPS origin), every jq cookbook line (against a traffic.jsonl that dumpproxy
-captured), the first-screen commands, and the test command CI runs.
+captured), the install and development commands, and the test command CI runs.
 
-Blocks to execute are marked with an HTML comment on the line before the fence:
-`<!-- test: NAME -->`.
+Blocks are marked with an HTML comment on the line before the fence,
+`<!-- test: NAME -->`, and run by `test_example_NAME` (examples.py has the convention,
+shared with the man page; test_examples.py runs the other examples).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, Origin, curl, parse_events
+from examples import (
+    README,
+    clean_env,
+    example,
+    make_bin_dir,
+    readme_examples,
+    run_bash,
+    shell_commands,
+)
 
-README = ROOT / "README.md"
 CI_RUN = ROOT / ".ci" / "run"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
-MARKED = re.compile(r"^<!-- test: ([\w-]+) -->\n```(\w*)\n(.*?)^```\n", re.S | re.M)
 TEST_COMMAND = "python3 -m pytest -q"
 
 
 def marked_blocks() -> dict[str, str]:
-    blocks: dict[str, str] = {}
-    for name, _lang, body in MARKED.findall(README.read_text()):
-        assert name not in blocks, f"two README blocks marked {name!r}"
-        blocks[name] = body
-    return blocks
-
-
-def shell_commands(block: str) -> list[str]:
-    """The block's commands: continuation lines joined, comments and blank lines dropped."""
-    commands, current = [], ""
-    for line in block.splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.endswith("\\"):
-            current += line[:-1]
-            continue
-        current += line
-        # a trailing comment is not part of the command
-        commands.append(re.sub(r"\s+#\s.*$", "", current).strip())
-        current = ""
-    assert not current, "block ends in a continuation line"
-    return commands
-
-
-def clean_env(tmp_path: Path, bin_dir: Path, **extra: str) -> dict[str, str]:
-    """No proxy or CA settings from outside; `dumpproxy` on PATH is this checkout's."""
-    env = {k: v for k, v in os.environ.items()
-           if "proxy" not in k.lower() and not re.search(r"CA_|CERT|CAINFO", k)}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["DUMPPROXY_HOME"] = str(tmp_path / "home")
-    env.update(extra)
-    return env
-
-
-def run_bash(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 60
-             ) -> subprocess.CompletedProcess:
-    """bash in its own process group, removed whole when bash exits: a background dumpproxy
-    the script left running (a broken recipe) neither outlives the test nor keeps it
-    waiting. Output goes through files, which a leftover process cannot hold open."""
-    out_path, err_path = cwd / ".bash-stdout", cwd / ".bash-stderr"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(["bash", *args], cwd=cwd, env=env, stdout=out, stderr=err,
-                                start_new_session=True)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    stdout, stderr = out_path.read_text(), err_path.read_text()
-    out_path.unlink()
-    err_path.unlink()
-    if proc.returncode is None:
-        proc.wait()
-        raise AssertionError(f"bash timed out\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return {name: ex.text for name, ex in readme_examples().items()}
 
 
 @pytest.fixture
 def bin_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "bin"
-    d.mkdir()
-    shim = d / "dumpproxy"
-    # this interpreter and this checkout, whatever is installed; cwd stays the caller's
-    shim.write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(ROOT))} "
-                    f"exec {shlex.quote(sys.executable)} -m dumpproxy \"$@\"\n")
-    shim.chmod(0o755)
-    return d
+    return make_bin_dir(tmp_path / "bin")
 
 
 # --- the marked blocks exist ----------------------------------------------------------------
@@ -107,9 +47,9 @@ def bin_dir(tmp_path: Path) -> Path:
 
 def test_marked_blocks_exist_and_are_shell():
     text = README.read_text()
-    found = {name: lang for name, lang, _ in MARKED.findall(text)}
-    assert found == {"ci-capture": "sh", "jq-cookbook": "sh", "clickhouse": "sh", "har": "sh"}
-    assert text.count("<!-- test: ") == len(found), "a marker not right before a fence"
+    found = {name for name, _, _ in re.findall(
+        r"^<!-- test: ([\w-]+) -->\n```(\w*)\n(.*?)^```\n", text, re.S | re.M)}
+    assert {"ci-capture", "jq-cookbook", "install", "development", "clickhouse", "har"} <= found
     # the recipe sits under its own heading
     head, _, _ = text.partition("<!-- test: ci-capture -->")
     assert head.rstrip().rpartition("\n## ")[2].startswith("CI traffic capture")
@@ -118,11 +58,11 @@ def test_marked_blocks_exist_and_are_shell():
 # --- the CI recipe ----------------------------------------------------------------------------
 
 
-def test_ci_capture_recipe_runs(tmp_path, bin_dir, tls_origin, pki):
+def test_example_ci_capture(tmp_path, bin_dir, tls_origin, pki):
     """bash runs the README block verbatim. The test provides ORIGIN_URL (the suite's
     target, a local HTTPS origin) and, as the machine's trust store for dumpproxy's own
     upstream connections, SSL_CERT_FILE = the origin's CA (OpenSSL's own override)."""
-    recipe = marked_blocks()["ci-capture"]
+    recipe = example("ci-capture").text  # the man page's EXAMPLES has the same text
     work = tmp_path / "ci"
     work.mkdir()
     (work / "traffic.jsonl").write_text('{"event":"stale"}\n')  # from an earlier run
@@ -214,7 +154,7 @@ def capture_traffic(tmp_path: Path, bin_dir: Path, origin, tls_origin, other, pk
     return out
 
 
-def test_jq_cookbook_lines_run_on_real_traffic(tmp_path, bin_dir, origin, tls_origin, pki):
+def test_example_jq_cookbook(tmp_path, bin_dir, origin, tls_origin, pki):
     other = Origin(pki.server_context(["127.0.0.1"]))
     try:
         traffic = capture_traffic(tmp_path, bin_dir, origin, tls_origin, other, pki)
@@ -268,35 +208,57 @@ def test_jq_cookbook_lines_run_on_real_traffic(tmp_path, bin_dir, origin, tls_or
 # --- first screen and CI ------------------------------------------------------------------------
 
 
-def first_screen_commands() -> list[str]:
-    text = README.read_text()
-    first_heading = text.index("\n## ")
-    blocks = FENCE.findall(text[:first_heading])
-    assert blocks, "no code block before the first section"
-    return shell_commands(blocks[0][1])
+def install_commands() -> list[str]:
+    return shell_commands(marked_blocks()["install"])
 
 
-def test_first_screen_commands():
-    install_run, install_test = first_screen_commands()
+def test_example_install():
+    install_run, install_test = install_commands()
     assert install_run == "python3 -m pip install . && dumpproxy -p 8080"
     parts = [p.strip() for p in install_test.split("&&")]
     assert parts[0] == "apt-get update"
     assert parts[1].startswith("apt-get install -y ")
     assert parts[2:] == ["python3 -m pip install -e '.[test]'", TEST_COMMAND]
     # what they name exists: the package with its console script and test extra, the
-    # packages the tests use
+    # packages the tests use, the same list CI installs
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dumpproxy = "dumpproxy.cli:main"' in pyproject
     assert re.search(r"^test = \[", pyproject, re.M)
     packages = set(parts[1].split()[3:])
-    assert {"curl", "jq", "util-linux"} <= packages
+    assert {"curl", "jq", "util-linux", "iproute2"} <= packages
+    ci = re.search(r"^apt-get install -y -qq (.*?)(?: >|$)", CI_RUN.read_text(), re.M)
+    assert ci and set(ci.group(1).split()) == packages
+    # the install block is the first thing in the README
+    text = README.read_text()
+    assert text.index("<!-- test: install -->") < text.index("\n## ")
 
 
 def test_ci_runs_the_readme_test_command():
     lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
     commands = [line for line in lines if line and not line.startswith("#")]
     assert commands[-1] == TEST_COMMAND
-    readme_test = first_screen_commands()[1].split("&&")[-1].strip()
+    readme_test = install_commands()[1].split("&&")[-1].strip()
     assert readme_test == commands[-1]
-    dev = FENCE.findall(README.read_text().partition("## Development")[2])[0][1]
-    assert TEST_COMMAND in shell_commands(dev)
+
+
+def test_example_development():
+    commands = shell_commands(marked_blocks()["development"])
+    assert commands[0] == "python3 -m pip install -e '.[test]'"
+    assert TEST_COMMAND in commands
+    ruff = [c for c in commands if c.startswith("ruff check")]
+    assert ruff, commands
+    r = subprocess.run(["python3", "-m", *ruff[0].split()], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_example_bench_commands():
+    """The benchmark is shared and not run by the tests; its commands name real scripts."""
+    commands = shell_commands(marked_blocks()["bench-commands"])
+    assert commands == ["bash ../shared/bench/setup.sh",
+                        "python3 ../shared/bench/bench.py --repeat 3"]
+    for command in commands:
+        script = ROOT / command.split()[1]
+        assert script.is_file(), script
+    for script in re.findall(r"`python (bench/\w+\.py)`", README.read_text()):
+        assert (ROOT / script).is_file(), script

@@ -161,7 +161,7 @@ def test_failed_reopen_keeps_the_old_file(tmp_path, home, origin):
     assert events[-1]["event"] == "shutdown"
 
 
-def test_man_page_logrotate_snippet(tmp_path, home, origin):
+def test_example_logrotate(tmp_path, home, origin):
     """The SIGNALS section's logrotate configuration, run by the real logrotate(8) with its
     paths moved into a temp dir."""
     from test_har import man_examples

@@ -82,6 +82,7 @@ def _man_section(name: str) -> str:
 def _man_event_entries() -> dict[str, str]:
     """EVENTS section: `.TP` / `.B name` entries and their text."""
     body = _man_section("EVENTS").split("\n.SS ")[0]
+    body = re.sub(r"^\.RS\n.*?^\.RE\n", "", body, flags=re.S | re.M)  # nested lists
     entries = re.split(r"^\.TP\n\.B ", body, flags=re.M)[1:]
     return {e.split("\n", 1)[0]: e.split("\n", 1)[1] for e in entries}
 
@@ -105,9 +106,12 @@ def test_man_page_describes_every_event_and_field_of_the_schema() -> None:
 
 
 def test_man_page_lists_exactly_the_error_stages_of_the_code() -> None:
-    text = _man_event_entries()["error"]
-    listed = set(re.findall(r"^\.B (\w+)\n\(", text, re.M))
-    assert listed == set(STAGES)
+    events = _man_section("EVENTS")
+    nested = re.search(r"The stages, a closed list:\n\.RS\n(.*?)^\.RE\n", events, re.S | re.M)
+    assert nested, "the error stages are listed in an .RS/.RE list"
+    listed = re.findall(r"^\.TP\n\.B (\w+)\n", nested.group(1), re.M)
+    assert sorted(listed) == sorted(STAGES)
+    assert len(listed) == len(set(listed))
 
 
 def test_man_page_example_events_match_the_schema() -> None:
