@@ -14,9 +14,9 @@ from dumpproxy import __version__
 from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
 from dumpproxy.config import Config
 from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
+from dumpproxy.modespec import ModeError, ModeSpec, parse_mode
 
 MODES = ("regular", "upstream:URL", "reverse:URL", "socks5", "transparent")
-IMPLEMENTED_MODES = ("regular",)
 
 DESCRIPTION = """\
 Intercepting HTTP(S) proxy that writes one JSON object per line for every event
@@ -44,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default: 127.0.0.1)")
     g.add_argument("-p", "--listen-port", metavar="PORT", type=_port, default=None,
                    help="port; 0 picks a free one (default: 8080; wrap mode: 0)")
-    g.add_argument("--mode", metavar="MODE", default="regular",
-                   help="regular (default), upstream:URL, reverse:URL, socks5, transparent")
+    g.add_argument("--mode", metavar="MODE", action="append", default=None,
+                   help="regular (default), upstream:URL, reverse:URL, socks5, transparent; "
+                        "repeatable, each with its own listener: MODE@PORT or "
+                        "MODE@HOST:PORT")
     g.add_argument("--proxyauth", metavar="USER:PASS",
-                   help="require HTTP Basic proxy authentication")
+                   help="require proxy authentication (HTTP Basic; SOCKS5 user/pass)")
     f = p.add_argument_group("intercept or pass through")
     f.add_argument("--ignore-hosts", metavar="REGEX", action="append", default=[],
                    help="pass matching destinations through untouched; repeatable")
@@ -121,16 +123,32 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
+def _modes(args: argparse.Namespace, port: int, wrap: bool) -> tuple[ModeSpec, ...]:
+    """The --mode values, each a listener; two may not claim the same fixed address."""
+    specs = []
+    for value in args.mode or ["regular"]:
+        try:
+            specs.append(parse_mode(value))
+        except ModeError as e:
+            raise UsageError(f"--mode: {e}") from None
+    seen: dict[tuple[str, int], str] = {}
+    for spec in specs:
+        where = (spec.listen_host or args.listen_host,
+                 spec.listen_port if spec.listen_port is not None else port)
+        if where[1] != 0 and where in seen:
+            raise UsageError(
+                f"--mode: {seen[where]} and {spec.shown()} both listen on "
+                f"{where[0]}:{where[1]}; give each its own port (MODE@PORT)")
+        seen[where] = spec.shown()
+    if wrap and not any(s.kind in ("regular", "upstream") for s in specs):
+        raise UsageError("wrap mode needs a regular or upstream:URL listener for "
+                         "HTTP_PROXY (add --mode regular)")
+    return tuple(specs)
+
+
 def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Config:
-    mode = args.mode
-    known = [m.split(":")[0] for m in MODES]
-    kind = mode.split(":", 1)[0]
-    if kind not in known:
-        raise UsageError(f"--mode: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    if kind in ("upstream", "reverse") and not mode.partition(":")[2]:
-        raise UsageError(f"--mode: {kind} needs a URL ({kind}:http://host:port)")
-    if kind not in IMPLEMENTED_MODES:
-        raise UsageError(f"--mode: mode {kind!r} is not implemented yet in this version")
+    port = args.listen_port if args.listen_port is not None else (0 if wrap else 8080)
+    modes = _modes(args, port, wrap)
     if args.proxyauth is not None and ":" not in args.proxyauth:
         raise UsageError("--proxyauth: expected USER:PASS")
     if args.upstream_ca:
@@ -139,11 +157,10 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         except (OSError, ssl.SSLError) as e:
             reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e
             raise UsageError(f"--upstream-ca: {args.upstream_ca}: {reason}") from None
-    port = args.listen_port if args.listen_port is not None else (0 if wrap else 8080)
     return Config(
         listen_host=args.listen_host,
         listen_port=port,
-        mode=mode,
+        modes=modes,
         sources=sources,
         peek_timeout=args.peek_timeout,
         ca_dir=args.ca_dir or default_ca_dir(),

@@ -14,7 +14,7 @@ from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter
-from dumpproxy.proxy import Proxy
+from dumpproxy.proxy import ListenError, Proxy
 
 WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
@@ -88,13 +88,18 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             loop.add_signal_handler(sig, on_wrap_signal, sig)
     try:
         await proxy.start()
-    except OSError as e:
+    except ListenError as e:
         certs.close()
-        print(f"dumpproxy: error: cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
-              f"{e.strerror or e}", file=sys.stderr)
+        print(f"dumpproxy: error: cannot listen on {e.where}: {e.strerror or e}",
+              file=sys.stderr)
         return 1
     if cfg.verbosity >= 0 and command is None:
-        print(f"dumpproxy: listening on http://{proxy.address}", file=sys.stderr)
+        for mode in proxy.modes:
+            kind = mode.spec.kind
+            scheme = "socks5" if kind == "socks5" else "http"
+            what = "" if kind == "regular" else f" ({kind})"
+            print(f"dumpproxy: listening on {scheme}://{mode.address}{what}",
+                  file=sys.stderr)
     # Everything loaded so far lives as long as the process: keep it out of the cyclic
     # GC's full passes, which then cost little (the HTTP/2 bridge asks for one per
     # connection).
@@ -107,7 +112,9 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
 
     bundle = write_bundle(ca)
     try:
-        env = wrap_env(f"http://{proxy.address}", bundle)
+        http_proxy = next(m.address for m in proxy.modes
+                          if m.spec.kind in ("regular", "upstream"))  # cli checked there is one
+        env = wrap_env(f"http://{http_proxy}", bundle)
         try:
             child = await asyncio.create_subprocess_exec(
                 *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),
