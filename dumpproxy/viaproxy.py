@@ -103,7 +103,7 @@ class ProxyConnector(Connector):
         if 200 <= status < 300:
             stream.unread(h.trailing_data[0])
             return
-        if status == 407:
+        if status in (401, 407):  # tinyproxy answers a CONNECT with bad credentials 401
             hint = ("wrong credentials in the URL" if self.auth else
                     "put them in the URL: upstream:http://USER:PASS@host:port")
             raise self._fail(f"requires authentication ({status} {reason}); {hint}")
