@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from dumpproxy.addresses import join_host_port, split_host_port
+from dumpproxy.addresses import join_host_port, strip_brackets
 
 KINDS = ("regular", "upstream", "reverse", "socks5", "transparent")
 URL_KINDS = ("upstream", "reverse")
@@ -70,14 +70,12 @@ def _split_suffix(text: str) -> tuple[str, str | None]:
 
 
 def _listen(tail: str) -> tuple[str | None, int]:
-    if tail.isdigit():
-        port = int(tail)
-        host = None
-    else:
-        try:
-            host, port = split_host_port(tail)
-        except ValueError as e:
-            raise ModeError(f"bad listen address {tail!r}: {e}") from None
+    """`PORT` or `HOST:PORT` (`[v6]:PORT`), already matched by _LISTEN; port 0 allowed."""
+    host_part, _, port_text = tail.rpartition(":")
+    host = strip_brackets(host_part) if host_part else None
+    if host == "":
+        raise ModeError(f"bad listen address {tail!r}: empty host")
+    port = int(port_text)
     if port > 65535:
         raise ModeError(f"bad listen port in {tail!r} (0-65535)")
     return host, port
