@@ -39,7 +39,7 @@ from dumpproxy.tunnel import (
     client_tls_message,
     serve_connect,
 )
-from dumpproxy.upstream import Connector, UpstreamError
+from dumpproxy.upstream import Connector, UpstreamError, tcp_connect
 from dumpproxy.viaproxy import ProxyConnector
 
 TLS_HANDSHAKE = 0x16
@@ -355,7 +355,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     if sock.family == socket.AF_INET6:
         peer = sock.getpeername()[0]
         if not peer.startswith("::ffff:"):
-            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             return parse_sockaddr(raw)
     return parse_sockaddr(sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))
 
@@ -369,12 +369,39 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
 
 
+class TransparentConnector(Connector):
+    """Direct connections whose local ports are known before they connect, so that one
+    redirected back to our own listener (a loop) is recognised when it arrives."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.ports: set[int] = set()  #: local ports of our upstream sockets
+
+    async def tcp(self, host: str, port: int) -> SocketStream:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError as e:
+            sock.close()
+            raise UpstreamError("server_connect", f"cannot open a socket to "
+                                f"{join_host_port(host, port)}: {e.strerror or e}") from None
+        local_port = sock.getsockname()[1]
+        self.ports.add(local_port)
+        try:
+            return await tcp_connect(host, port, self.cfg.connect_timeout, sock)
+        except BaseException:
+            self.ports.discard(local_port)
+            raise
+
+
 class TransparentMode(Mode):
     """Traffic redirected by iptables/nftables: the destination is the original one."""
 
     def __init__(self, spec: ModeSpec, cfg: Config):
         super().__init__(spec, cfg)
-        self.own: set[tuple[str, int]] = set()  # our upstream sockets' local addresses
+        self.connector = self.loop_guard = TransparentConnector(cfg)
 
     async def serve(self, ctx: Context) -> None:
         client = ctx.stream
@@ -395,7 +422,7 @@ class TransparentMode(Mode):
                       f"dumpproxy's own listener {self.address} (a client connected to it "
                       "directly; transparent mode needs redirected traffic)", address=dst)
             return
-        if tuple(peer) in self.own:
+        if peer[1] in self.loop_guard.ports:
             ctx.error("transparent", f"refused a redirect loop: this connection to {dst} is "
                       "dumpproxy's own upstream connection, redirected back to it; exclude "
                       "dumpproxy's traffic from the redirect rule (e.g. iptables -m owner "
@@ -407,14 +434,12 @@ class TransparentMode(Mode):
             ctx.error(e.stage, e.message, address=dst)  # type: ignore[arg-type]
             return
         mine = up.sock.transport.get_extra_info("sockname") if up.sock.transport else None
-        key = tuple(mine[:2]) if mine else None
-        if key is not None:
-            self.own.add(key)
         try:
             await Tunnel(ctx, client, up, host, port).run()
         finally:
-            self.own.discard(key)  # type: ignore[arg-type]
             up.close()
+            if mine:
+                self.loop_guard.ports.discard(mine[1])
 
 
 MODE_CLASSES: dict[str, type[Mode]] = {

@@ -59,13 +59,17 @@ class Dialed:
     proxy_headers: tuple[tuple[bytes, bytes], ...] = ()  # added to such requests
 
 
-async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
-    """A direct TCP connection, failures as UpstreamError."""
+async def tcp_connect(host: str, port: int, timeout: float,
+                      sock: socket.socket | None = None) -> SocketStream:
+    """A direct TCP connection, failures as UpstreamError. sock: a socket of the caller's
+    (bound already, non-blocking) to connect, with host an IP address."""
     loop = asyncio.get_running_loop()
     try:
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(SocketStream, host, port), timeout
-        )
+        if sock is None:
+            connecting = loop.create_connection(SocketStream, host, port)
+        else:
+            connecting = _connect_socket(sock, host, port)
+        _, proto = await asyncio.wait_for(connecting, timeout)
     except asyncio.TimeoutError:
         raise UpstreamError(
             "server_connect", f"connecting to {join_host_port(host, port)} timed out", 504,
@@ -82,6 +86,16 @@ async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
             kind=_ERRNO_KINDS.get(e.errno or 0),
         ) from None
     return proto
+
+
+async def _connect_socket(sock: socket.socket, host: str, port: int):
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (host, port))
+        return await loop.create_connection(SocketStream, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def describe_tls_error(e: BaseException, host: str) -> str:

@@ -4,7 +4,6 @@ reply codes. Loopback only."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 from conftest import Origin, curl, free_port
@@ -150,8 +149,6 @@ def test_not_socks5_is_an_error_and_a_silent_client_is_not(dumpproxy):
     assert err["stage"] == "socks5" and "not a SOCKS5 greeting" in err["message"]
     with socket.create_connection(("127.0.0.1", p.port)):
         pass  # connect and leave: a port probe is not an error
+    # an error would come before that connection's client_disconnect
     p.wait_for(lambda e: e["event"] == "client_disconnect", count=2)
-    deadline = time.monotonic() + 0.2
-    while time.monotonic() < deadline:  # nothing more may come; a short look
-        assert len(p.of("error")) == 1
-        time.sleep(0.05)
+    assert len(p.of("error")) == 1
