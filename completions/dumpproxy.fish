@@ -26,7 +26,7 @@ set -l opts -n 'not __fish_dumpproxy_wrapping'
 
 complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
-complete -c dumpproxy $opts -l mode -x -d 'Proxy mode (default regular)' -a '
+complete -c dumpproxy $opts -l mode -x -d 'Proxy mode (default regular; repeatable; MODE@PORT or MODE@HOST:PORT: own listener)' -a '
     regular\t"Explicit HTTP(S) proxy (default)"
     upstream:\t"Through the HTTP proxy at URL (upstream:URL)"
     reverse:\t"Act as the server at URL (reverse:URL)"

@@ -3,7 +3,9 @@ proxy authentication on each. Loopback only."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import curl
+from test_cli_docs import MODES, SHELLS, complete, names
 
 
 def listening(p, count: int) -> list[dict]:
@@ -95,3 +97,11 @@ def test_listen_port_in_use_names_the_mode(dumpproxy, home):
     err = r.stderr.decode()
     assert f"cannot listen on 127.0.0.1:{busy} (--mode socks5)" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- completions: --mode is repeatable and takes a listen suffix ---------------------------
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_completion_offers_modes_again(shell, tmp_path):
+    again = names(complete(shell, "dumpproxy --mode socks5@1080 --mode ", tmp_path))
+    assert MODES <= again, again
