@@ -123,7 +123,7 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
-def _modes(args: argparse.Namespace, port: int, wrap: bool) -> tuple[ModeSpec, ...]:
+def _modes(args: argparse.Namespace, port: int) -> tuple[ModeSpec, ...]:
     """The --mode values, each a listener; two may not claim the same fixed address."""
     specs = []
     for value in args.mode or ["regular"]:
@@ -140,15 +140,12 @@ def _modes(args: argparse.Namespace, port: int, wrap: bool) -> tuple[ModeSpec, .
                 f"--mode: {seen[where]} and {spec.shown()} both listen on "
                 f"{where[0]}:{where[1]}; give each its own port (MODE@PORT)")
         seen[where] = spec.shown()
-    if wrap and not any(s.kind in ("regular", "upstream") for s in specs):
-        raise UsageError("wrap mode needs a regular or upstream:URL listener for "
-                         "HTTP_PROXY (add --mode regular)")
     return tuple(specs)
 
 
 def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Config:
     port = args.listen_port if args.listen_port is not None else (0 if wrap else 8080)
-    modes = _modes(args, port, wrap)
+    modes = _modes(args, port)
     if args.proxyauth is not None and ":" not in args.proxyauth:
         raise UsageError("--proxyauth: expected USER:PASS")
     if args.upstream_ca:

@@ -42,10 +42,13 @@ def write_bundle(ca: CA) -> str:
     return path
 
 
-def wrap_env(proxy_url: str, bundle: str) -> dict[str, str]:
+def wrap_env(proxy_url: str | None, bundle: str) -> dict[str, str]:
+    """CMD's environment: the proxy variables (when there is an HTTP proxy listener) and
+    the CA bundle variables."""
     env = dict(os.environ)
     for name in ("HTTP_PROXY", "HTTPS_PROXY"):
-        env[name] = env[name.lower()] = proxy_url
+        if proxy_url is not None:
+            env[name] = env[name.lower()] = proxy_url
     for name in CA_ENV:
         env[name] = bundle
     return env
@@ -112,9 +115,11 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
 
     bundle = write_bundle(ca)
     try:
-        http_proxy = next(m.address for m in proxy.modes
-                          if m.spec.kind in ("regular", "upstream"))  # cli checked there is one
-        env = wrap_env(f"http://{http_proxy}", bundle)
+        # the first regular or upstream listener, if any (other modes: CMD names the
+        # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
+        http_proxy = next((f"http://{m.address}" for m in proxy.modes
+                           if m.spec.kind in ("regular", "upstream")), None)
+        env = wrap_env(http_proxy, bundle)
         try:
             child = await asyncio.create_subprocess_exec(
                 *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),

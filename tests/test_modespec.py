@@ -72,7 +72,6 @@ def test_bad_modes(value, words):
 @pytest.mark.parametrize("args,words", [
     (["--mode", "bogus"], "--mode: unknown mode 'bogus'"),
     (["--mode", "socks5@8080", "--mode", "regular@8080"], "both listen on 127.0.0.1:8080"),
-    (["--mode", "socks5", "--", "true"], "wrap mode needs a regular or upstream"),
     (["--mode", "upstream:http://u:hunter2@x:1/@5", "--mode", "socks5@5"], "both listen"),
 ])
 def test_mode_usage_errors_are_one_line_exit_2(args, words, tmp_path):

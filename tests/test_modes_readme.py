@@ -1,0 +1,73 @@
+"""The README's mode examples run: each marked `<!-- test: mode-NAME -->` block is run by
+bash verbatim, except that its fixed ports become free ones and `example.com` the
+suite's local HTTPS origin (dumpproxy trusts the origin's CA through SSL_CERT_FILE, as in
+test_readme's CI recipe). Loopback only."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import free_port
+from test_modes_upstream import Tinyproxy
+from test_readme import bin_dir, clean_env, marked_blocks, run_bash  # noqa: F401 (fixture)
+
+EXPECTED_BLOCKS = {"mode-secure", "mode-upstream", "mode-reverse", "mode-socks5",
+                   "mode-several"}
+
+
+def test_every_mode_has_a_tested_example():
+    assert {n for n in marked_blocks() if n.startswith("mode-")} == EXPECTED_BLOCKS
+
+
+def run_block(name: str, tmp_path, bin_dir, tls_origin, pki, ports: dict[int, int]):  # noqa: F811
+    block = marked_blocks()[name]
+    block = block.replace("https://example.com", f"https://localhost:{tls_origin.port}")
+    for fixed, port in ports.items():
+        block = re.sub(rf"(?<![\d.]){fixed}(?!\d)", str(port), block)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env = clean_env(tmp_path, bin_dir, SSL_CERT_FILE=str(pki.ca_path))
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (work / "example.sh").write_text(block)
+    r = run_bash(["-eu", "-o", "pipefail", "example.sh"], cwd=work, env=env)
+    assert r.returncode == 0, f"{block}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_secure_web_proxy_example(tmp_path, bin_dir, tls_origin, pki):  # noqa: F811
+    p = free_port()
+    out = run_block("mode-secure", tmp_path, bin_dir, tls_origin, pki, {8080: p})
+    t = tls_origin.port
+    assert out[0] == ["client", f"127.0.0.1:{p}"]
+    assert sorted(out[1:]) == [["client", f"localhost:{t}"], ["server", f"localhost:{t}"]]
+
+
+def test_upstream_example(tmp_path, bin_dir, tls_origin, pki):  # noqa: F811
+    tp = Tinyproxy(tmp_path, user=None)
+    try:
+        out = run_block("mode-upstream", tmp_path, bin_dir, tls_origin, pki, {3128: tp.port})
+    finally:
+        tp.stop()
+    assert out == [[f"localhost:{tls_origin.port}", f"http://127.0.0.1:{tp.port}"]]
+
+
+def test_reverse_example(tmp_path, bin_dir, tls_origin, pki):  # noqa: F811
+    out = run_block("mode-reverse", tmp_path, bin_dir, tls_origin, pki, {8443: free_port()})
+    # through to the origin and back (the suite's origin has no page at /)
+    assert out == [[404, f"https://localhost:{tls_origin.port}/"]]
+
+
+def test_socks5_example(tmp_path, bin_dir, tls_origin, pki):  # noqa: F811
+    out = run_block("mode-socks5", tmp_path, bin_dir, tls_origin, pki, {1080: free_port()})
+    t = tls_origin.port
+    assert out == [[f"localhost:{t}", "intercept", [f"127.0.0.1:{t}", f"localhost:{t}"]]]
+
+
+@pytest.mark.parametrize("name", ["mode-several"])
+def test_several_example(name, tmp_path, bin_dir, tls_origin, pki):  # noqa: F811
+    a, b = free_port(), free_port()
+    out = run_block(name, tmp_path, bin_dir, tls_origin, pki, {8080: a, 1080: b})
+    assert out == [["regular", f"127.0.0.1:{a}"], ["socks5", f"127.0.0.1:{b}"]]
