@@ -454,10 +454,3 @@ MODE_CLASSES: dict[str, type[Mode]] = {
 def make_mode(spec: ModeSpec, cfg: Config) -> Mode:
     return MODE_CLASSES[spec.kind](spec, cfg)
 
-
-async def serve_regular(ctx: Context) -> None:
-    """Regular mode's handler (no TLS to the proxy): kept for callers of the old name."""
-    connect = await serve_http1(ctx, ctx.stream, None)
-    if connect is not None:
-        await serve_connect(ctx, ctx.stream, connect)
-

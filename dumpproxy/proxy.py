@@ -19,14 +19,12 @@ from dumpproxy.config import Config
 from dumpproxy.context import Context, Services
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter, PatternError
-from dumpproxy.modes import Mode, make_mode, serve_regular
+from dumpproxy.modes import Mode, make_mode
 from dumpproxy.schema import SCHEMA_VERSION, ClientDisconnect, Error, Listening, Shutdown
 from dumpproxy.streams import SocketStream
 from dumpproxy.upstream import Connector
 
 SHUTDOWN_GRACE = 2.0
-
-__all__ = ["Proxy", "ListenError", "serve_regular"]
 
 
 class ListenError(OSError):

@@ -91,9 +91,10 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             loop.add_signal_handler(sig, on_wrap_signal, sig)
     try:
         await proxy.start()
-    except ListenError as e:
+    except OSError as e:
         certs.close()
-        print(f"dumpproxy: error: cannot listen on {e.where}: {e.strerror or e}",
+        where = e.where if isinstance(e, ListenError) else f"{cfg.listen_host}:{cfg.listen_port}"
+        print(f"dumpproxy: error: cannot listen on {where}: {e.strerror or e}",
               file=sys.stderr)
         return 1
     if cfg.verbosity >= 0 and command is None:

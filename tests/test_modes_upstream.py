@@ -143,3 +143,12 @@ def test_upstream_proxy_refusing_credentials(dumpproxy, tinyproxy, origin, tls_o
     assert r.stdout in (b"401", b"407")
     a.stop()
     assert "wrong-pass" not in "".join(a.lines)
+
+
+def test_text_format_names_the_upstream_proxy():
+    from dumpproxy.textformat import format_text
+
+    ev = {"event": "server_connect", "client": "127.0.0.1:5", "address": "example.com:443",
+          "ip": "127.0.0.1:3128", "connect_ms": 1.0, "via": "http://127.0.0.1:3128"}
+    assert format_text(ev) == ("127.0.0.1:5: server connect example.com:443 (127.0.0.1:3128)"
+                               " via http://127.0.0.1:3128\n")
