@@ -1,20 +1,30 @@
 """The README's mode examples run: each marked `<!-- test: mode-NAME -->` block is run by
 bash verbatim, except that its fixed ports become free ones and `example.com` the
 suite's local HTTPS origin (dumpproxy trusts the origin's CA through SSL_CERT_FILE, as in
-test_readme's CI recipe). Loopback only."""
+test_readme's CI recipe). The transparent example runs in a network namespace of the
+test's own. Loopback only."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
 
 import pytest
-from conftest import free_port
+from conftest import Origin, free_port
+from test_modes_transparent import CLIENT_UID, as_client, netns  # noqa: F401 (fixture)
 from test_modes_upstream import Tinyproxy
-from test_readme import bin_dir, clean_env, marked_blocks, run_bash  # noqa: F401 (fixture)
+from test_readme import (  # noqa: F401 (bin_dir: a fixture)
+    bin_dir,
+    clean_env,
+    marked_blocks,
+    run_bash,
+    shell_commands,
+)
 
 EXPECTED_BLOCKS = {"mode-secure", "mode-upstream", "mode-reverse", "mode-socks5",
-                   "mode-several"}
+                   "mode-several", "mode-transparent"}
 
 
 def test_every_mode_has_a_tested_example():
@@ -71,3 +81,33 @@ def test_several_example(name, tmp_path, bin_dir, tls_origin, pki):  # noqa: F81
     a, b = free_port(), free_port()
     out = run_block(name, tmp_path, bin_dir, tls_origin, pki, {8080: a, 1080: b})
     assert out == [["regular", f"127.0.0.1:{a}"], ["socks5", f"127.0.0.1:{b}"]]
+
+
+def test_transparent_example_in_a_network_namespace(netns, dumpproxy):  # noqa: F811
+    """The example's nft commands and dumpproxy command, run in a namespace of the test's
+    own; user 1000 becomes the test's client user, ports 80/443 the origin's."""
+    block = marked_blocks()["mode-transparent"]
+    *rules, command = shell_commands(block)
+    assert all(r.startswith("nft ") for r in rules) and command.startswith("dumpproxy ")
+    with netns.inside():
+        origin = Origin()
+        try:
+            port = free_port()
+            for rule in rules:
+                rule = rule.replace("8080", str(port))
+                rule = rule.replace("skuid 1000", f"skuid {CLIENT_UID}")
+                rule = rule.replace("{ 80, 443 }", f"{{ {origin.port} }}")
+                subprocess.run(["bash", "-c", rule], check=True)
+            args = shlex.split(command.replace("8080", str(port)))[1:]
+            p = dumpproxy(*args)
+            assert p.events[0]["mode"] == "transparent" and p.port == port
+            r = as_client(origin.url())
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"hello\n"
+            d = p.wait_for(lambda e: e["event"] == "decision")
+            assert d["address"] == f"127.0.0.1:{origin.port}" and d["action"] == "intercept"
+            assert d["candidates"] == [f"127.0.0.1:{origin.port}"]
+            p.wait_for(lambda e: e["event"] == "response")
+            assert not p.of("error")
+        finally:
+            origin.close()
