@@ -17,6 +17,10 @@ _dumpproxy_options='
     --check
     --pattern-for
     --peek-timeout
+    --head-timeout
+    --response-timeout
+    --connect-timeout
+    --idle-timeout
     --ca-dir
     --print-ca
     -k --ssl-insecure
@@ -58,6 +62,19 @@ _dumpproxy()
             cur=${cur#*=}
             split=true
         fi
+    fi
+
+    # `dumpproxy har [FILE...]`: event files.
+    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har ]]; then
+        if [[ $cur == -* ]]; then
+            COMPREPLY=($(compgen -W '-h --help' -- "$cur"))
+        elif declare -F _filedir >/dev/null 2>&1; then
+            _filedir
+        else
+            compopt -o filenames 2>/dev/null
+            COMPREPLY=($(compgen -f -- "$cur"))
+        fi
+        return
     fi
 
     # Wrap mode: after "--", complete the command and then its own arguments.
@@ -120,7 +137,8 @@ _dumpproxy()
             return
             ;;
         -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
-            --peek-timeout | --max-body-bytes | --proxyauth)
+            --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
+            --idle-timeout | --max-body-bytes | --proxyauth)
             # A free-form value: nothing sensible to offer.
             return
             ;;
@@ -130,6 +148,10 @@ _dumpproxy()
 
     if [[ $cur == -* || -z $cur ]]; then
         COMPREPLY=($(compgen -W "$_dumpproxy_options" -- "$cur"))
+    fi
+    # the subcommand, as the first word
+    if ((COMP_CWORD == 1)) && [[ $cur != -* ]]; then
+        COMPREPLY+=($(compgen -W 'har' -- "$cur"))
     fi
 } &&
     complete -F _dumpproxy dumpproxy

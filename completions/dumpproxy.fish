@@ -19,10 +19,18 @@ function __fish_dumpproxy_wrapped
     __fish_complete_subcommand --commandline $rest (commandline -ct)
 end
 
+# True after "dumpproxy har" (dumpproxy har [FILE...]).
+function __fish_dumpproxy_har
+    set -l tokens (commandline -opc)
+    test (count $tokens) -ge 2; and test "$tokens[2]" = har
+end
+
 complete -c dumpproxy -f
 complete -c dumpproxy -n __fish_dumpproxy_wrapping -xa '(__fish_dumpproxy_wrapped)'
+complete -c dumpproxy -n 'test (count (commandline -opc)) -eq 1' -a har -d 'Convert event streams to one HAR 1.2 document'
+complete -c dumpproxy -n __fish_dumpproxy_har -F
 
-set -l opts -n 'not __fish_dumpproxy_wrapping'
+set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har'
 
 complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
@@ -39,6 +47,10 @@ complete -c dumpproxy $opts -l allow-hosts-file -r -F -d 'Read allow patterns fr
 complete -c dumpproxy $opts -l check -x -d 'Print the decision for each HOST:PORT and exit'
 complete -c dumpproxy $opts -l pattern-for -x -d 'Print the exact-match pattern for HOST:PORT and exit'
 complete -c dumpproxy $opts -l peek-timeout -x -d 'Seconds to wait for a tunnel client\'s first bytes (default 10)'
+complete -c dumpproxy $opts -l head-timeout -x -d 'Seconds for a request head or a tunnel\'s first byte (default 60)'
+complete -c dumpproxy $opts -l response-timeout -x -d 'Seconds for the response head (default 60)'
+complete -c dumpproxy $opts -l connect-timeout -x -d 'Seconds to connect to the destination (default 30)'
+complete -c dumpproxy $opts -l idle-timeout -x -d 'Seconds without a byte before a stream is closed (default 600)'
 complete -c dumpproxy $opts -l ca-dir -x -a '(__fish_complete_directories (commandline -ct))' -d 'Directory holding the CA'
 complete -c dumpproxy $opts -l print-ca -d 'Print the CA certificate (PEM) and exit'
 complete -c dumpproxy $opts -s k -l ssl-insecure -d 'Do not verify upstream certificates'

@@ -52,3 +52,46 @@ def is_ip(name: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+class BadHost(ValueError):
+    """A host name from the wire that no connection could be made to; says why."""
+
+
+# Printable ASCII less what cannot appear in a host name (space, '/', '@', brackets, ...).
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def check_host(host: str) -> str:
+    """The one check every host name from the wire goes through (CONNECT target, absolute
+    URL, Host header, SNI): an IP literal or a DNS name that resolvers, IDNA and
+    certificates accept. Returns the host; raises BadHost naming the problem."""
+    if is_ip(host):
+        return host
+    name = host[:-1] if host.endswith(".") else host
+    if not name:
+        raise BadHost("invalid host name: empty")
+    if len(name) > 253:
+        raise BadHost("invalid host name: longer than 253 characters")
+    for label in name.split("."):
+        if not label:
+            raise BadHost(f"invalid host name {_show(host)}: empty label")
+        if len(label) > 63:
+            raise BadHost(f"invalid host name {_show(host)}: label longer than 63 characters")
+    if name.isascii():
+        bad = next((c for c in name if c not in _HOST_CHARS), None)
+        if bad is not None:
+            raise BadHost(f"invalid host name {_show(host)}: character {bad!r}")
+        return host
+    try:  # an internationalized name must have an ASCII (punycode) form
+        check_host(name.encode("idna").decode("ascii"))
+    except (UnicodeError, BadHost):
+        raise BadHost(f"invalid host name {_show(host)}: not a valid "
+                      "internationalized name") from None
+    return host
+
+
+def _show(host: str) -> str:
+    if "@" in host:  # userinfo (user:password@) is never echoed into events
+        host = "<redacted>@" + host.rpartition("@")[2]
+    return repr(host if len(host) <= 80 else host[:77] + "...")

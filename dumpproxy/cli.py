@@ -24,7 +24,10 @@ Intercepting HTTP(S) proxy that writes one JSON object per line for every event
 Events go to stdout (or -o FILE); stderr is for humans.
 
 With `-- CMD [ARG...]` (wrap mode) it runs CMD through the proxy on a free port,
-with proxy and CA variables set, and exits with CMD's status."""
+with proxy and CA variables set, and exits with CMD's status.
+
+`dumpproxy har [FILE...]` converts event streams to one HAR 1.2 document
+(see `dumpproxy har --help`). SIGHUP reloads the pattern files and reopens -o FILE."""
 
 
 class UsageError(Exception):
@@ -34,7 +37,8 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dumpproxy",
-        usage="dumpproxy [OPTIONS]\n       dumpproxy [OPTIONS] -- CMD [ARG...]",
+        usage="dumpproxy [OPTIONS]\n       dumpproxy [OPTIONS] -- CMD [ARG...]\n"
+              "       dumpproxy har [FILE...]",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--peek-timeout", metavar="SECONDS", type=_positive_float, default=10.0,
                    help="how long to wait for a tunnel's first bytes before deciding "
                         "(default: 10)")
+    w = p.add_argument_group("timeouts (seconds)")
+    w.add_argument("--head-timeout", metavar="SECONDS", type=_positive_float, default=60.0,
+                   help="a client's request head, or a tunnel's first byte (default: 60)")
+    w.add_argument("--response-timeout", metavar="SECONDS", type=_positive_float,
+                   default=60.0, help="the response head from the destination; then 504 "
+                                      "(default: 60)")
+    w.add_argument("--connect-timeout", metavar="SECONDS", type=_positive_float, default=30.0,
+                   help="connecting (TCP and TLS) to the destination (default: 30)")
+    w.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float, default=600.0,
+                   help="no byte either way in a tunnel or body stream (default: 600)")
     t = p.add_argument_group("TLS")
     t.add_argument("--ca-dir", metavar="DIR", default=None,
                    help="where the CA lives (default: $DUMPPROXY_HOME, else "
@@ -160,6 +174,10 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         modes=modes,
         sources=sources,
         peek_timeout=args.peek_timeout,
+        head_timeout=args.head_timeout,
+        response_timeout=args.response_timeout,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
         ca_dir=args.ca_dir or default_ca_dir(),
         ssl_insecure=args.ssl_insecure,
         upstream_ca=args.upstream_ca,
@@ -211,6 +229,10 @@ def event_loop_runner():
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["har"]:  # a subcommand with its own options
+        from dumpproxy.har import main as har_main
+
+        return har_main(argv[1:])
     command: list[str] | None = None
     if "--" in argv:
         i = argv.index("--")

@@ -29,7 +29,7 @@ class Config:
     format: str = "json"
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     # SPEC §7 timeouts (seconds)
-    client_idle_timeout: float = 60.0
-    response_timeout: float = 60.0
-    connect_timeout: float = 30.0
-    idle_timeout: float = 600.0
+    head_timeout: float = 60.0  # a request head, or a tunnel's first byte, from the client
+    response_timeout: float = 60.0  # the response head from the destination
+    connect_timeout: float = 30.0  # TCP (and TLS) to the destination
+    idle_timeout: float = 600.0  # no byte either way in a tunnel or body stream

@@ -15,7 +15,7 @@ from dumpproxy.auth import ProxyAuth
 from dumpproxy.certs import CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
-from dumpproxy.hostfilter import HostFilter
+from dumpproxy.hostfilter import DECISION_BUDGET, HostFilter
 from dumpproxy.schema import Decision, Error, Stage
 from dumpproxy.streams import SocketStream
 from dumpproxy.upstream import Connector, TLSRequest, Upstream
@@ -95,8 +95,13 @@ class Context:
         d = services.filter.decide(cands)
         if d.passthrough:
             services.stats.passthrough += 1
-        self.emit("decision", Decision(address=join_host_port(host, port), **d.fields(),
-                                       sni=sni))
+        address = join_host_port(host, port)
+        self.emit("decision", Decision(address=address, **d.fields(), sni=sni))
+        if d.reason == "timeout":
+            self.error("decision", f"pattern {d.pattern!r} ({d.source}) took more than "
+                       f"{DECISION_BUDGET * 1000:g} ms to match; passed through untouched: "
+                       "rewrite the pattern without nested or adjacent repeats",
+                       address=address)
         return d
 
     async def open_upstream(self, host: str, port: int, tls: TLSRequest | None = None,

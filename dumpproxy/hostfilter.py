@@ -1,10 +1,18 @@
 """The host filter: ignore/allow pattern lists and the intercept-or-passthrough rule (pure).
 
-Candidates are `host:port` strings (SPEC §3). Patterns are matched with re.search and
-IGNORECASE. Large lists are matched through a trigram index: a pattern whose every match
-must contain some literal text is tried only on candidates containing a trigram of that
-text; the other patterns go through combined regexes over chunks of patterns (one C-level
-search per chunk instead of one per pattern). Results are cached per candidate.
+Candidates are `host:port` strings (SPEC §3). Patterns have Python `re` syntax and
+semantics (re.search, IGNORECASE); `re` compiles them at load (its error messages name
+the mistake). A pattern whose shape can make a backtracking matcher take exponential or
+high-polynomial time (a repeat inside a repeat, alternation under a repeat, a
+backreference, several unbounded repeats) is matched instead by the `regex` module,
+re-compatible (VERSION0) but interruptible: a decision may spend at most DECISION_BUDGET
+in such patterns, so `(a|aa)+$` cannot stall every other client (the event loop is
+single-threaded). Past the budget the decision is a passthrough with reason "timeout".
+
+Large lists are matched through a trigram index: a pattern whose every match must contain
+some literal text is tried only on candidates containing a trigram of that text; the other
+patterns go through combined regexes over chunks of patterns (one C-level search per chunk
+instead of one per pattern). Results are cached per candidate.
 """
 
 from __future__ import annotations
@@ -13,13 +21,18 @@ import functools
 import re
 import string
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import regex
 
 from dumpproxy.addresses import join_host_port, split_host_port, strip_brackets
 
 CHUNK = 128  # patterns per combined regex: few searches, cheap to find the winner inside
 CACHE_MAX = 8192
+DECISION_BUDGET = 0.1  # seconds of matching per decision, at most
+_FLAGS = regex.IGNORECASE | regex.VERSION0
 
 
 class PatternError(Exception):
@@ -31,6 +44,15 @@ class Pattern:
     text: str
     source: str  # "ignore.txt:3" or "--ignore-hosts"
     regex: re.Pattern
+    slow: regex.Pattern | None  # for a pattern that can backtrack badly: matched with a limit
+
+
+class MatchTimeout(Exception):
+    """A pattern took longer than the decision budget on a candidate."""
+
+    def __init__(self, pattern: Pattern | None):
+        super().__init__(pattern.text if pattern else "patterns")
+        self.pattern = pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +86,72 @@ def _compile(text: str) -> re.Pattern:
     return re.compile(text, re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=65536)
+def _compile_matcher(text: str) -> regex.Pattern:
+    return regex.compile(text, _FLAGS)
+
+
 def compile_pattern(text: str, source: str) -> Pattern:
     try:
-        return Pattern(text, source, _compile(text))
+        checked = _compile(text)
     except re.error as e:
         raise PatternError(f"{source}: invalid pattern {text!r}: {e}") from None
+    slow = None
+    if _may_backtrack(text):
+        try:
+            slow = _compile_matcher(text)
+        except regex.error as e:  # valid for re, yet not for its interruptible twin
+            raise PatternError(f"{source}: pattern {text!r} is not supported: {e}") from None
+    return Pattern(text, source, checked, slow)
+
+
+try:  # the parser behind re (public-ish: both names are what re itself imports)
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+
+
+@functools.lru_cache(maxsize=65536)
+def _may_backtrack(text: str) -> bool:
+    """True when a backtracking matcher may take far more than linear time on this
+    pattern: a repeat (or alternation) inside a repeat, a backreference, or more than one
+    unbounded repeat. Conservative: a safe pattern flagged here only costs some speed."""
+    try:
+        tree = _sre_parse.parse(text, re.IGNORECASE)
+    except Exception:
+        return True
+    unbounded = 0
+
+    def walk(items, in_repeat: bool) -> bool:
+        nonlocal unbounded
+        for op, av in items:
+            name = str(op)
+            if name in _REPEATS:
+                low, high, sub = av
+                if high == _sre_parse.MAXREPEAT:
+                    unbounded += 1
+                repeats = high > 1
+                if (repeats and in_repeat) or walk(sub, in_repeat or repeats):
+                    return True
+            elif name == "BRANCH":
+                if in_repeat or any(walk(b, in_repeat) for b in av[1]):
+                    return True
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return True
+            elif name == "SUBPATTERN":
+                if walk(av[-1], in_repeat):
+                    return True
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                if walk(av[1], in_repeat):
+                    return True
+            elif name == "ATOMIC_GROUP":
+                if walk(av, in_repeat):
+                    return True
+        return False
+
+    return walk(tree, False) or unbounded > 1
 
 
 def parse_pattern_lines(lines: Iterable[str], path: str) -> list[Pattern]:
@@ -245,10 +328,10 @@ class PatternList:
                 rest.append(i)
             else:
                 self._index.setdefault(gram, []).append(i)
-        self._groups: list[tuple[re.Pattern, tuple[int, ...]]] = []
+        self._groups: list[tuple[re.Pattern | regex.Pattern, tuple[int, ...]]] = []
         run: list[int] = []
         for i in rest:
-            if _combinable(self.patterns[i]):
+            if _combinable(self.patterns[i]) and self.patterns[i].slow is None:
                 run.append(i)
                 if len(run) == CHUNK:
                     self._add_group(run)
@@ -257,7 +340,8 @@ class PatternList:
                 if run:
                     self._add_group(run)
                     run = []
-                self._groups.append((self.patterns[i].regex, (i,)))
+                p = self.patterns[i]
+                self._groups.append((p.slow or p.regex, (i,)))
         if run:
             self._add_group(run)
         self._cache: dict[str, Pattern | None] = {}
@@ -276,16 +360,42 @@ class PatternList:
     def __len__(self) -> int:
         return len(self.patterns)
 
-    def first_match(self, candidate: str) -> Pattern | None:
+    def first_match(self, candidate: str, deadline: float | None = None) -> Pattern | None:
+        """The first pattern (in list order) that matches; MatchTimeout past the deadline
+        (time.monotonic(); default: DECISION_BUDGET from now)."""
         try:
-            return self._cache[candidate]
+            hit = self._cache[candidate]
         except KeyError:
             pass
+        else:
+            if type(hit) is MatchTimeout:
+                raise MatchTimeout(hit.pattern)  # a fresh one: no traceback piling up
+            return hit  # type: ignore[return-value]
+        if deadline is None:
+            deadline = time.monotonic() + DECISION_BUDGET
+        try:
+            result = self._first_match(candidate, deadline)
+        except MatchTimeout as e:  # remembered too: the next try would take as long
+            self._remember(candidate, e)
+            raise
+        self._remember(candidate, result)
+        return result
+
+    def _remember(self, candidate: str, result: Pattern | MatchTimeout | None) -> None:
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[candidate] = result
+
+    def _first_match(self, candidate: str, deadline: float) -> Pattern | None:
         pats = self.patterns
         found: int | None = None  # index of the first match so far
         for combined, members in self._groups:
-            if combined.search(candidate):
-                found = next(i for i in members if pats[i].regex.search(candidate))
+            if type(combined) is re.Pattern:
+                if combined.search(candidate):
+                    found = next(i for i in members if pats[i].regex.search(candidate))
+                    break
+            elif _timed_search(pats[members[0]], candidate, deadline):
+                found = members[0]
                 break
         if candidate.isascii():
             low = candidate.lower()
@@ -299,22 +409,32 @@ class PatternList:
         for i in hits:
             if found is not None and i >= found:
                 break
-            if pats[i].regex.search(candidate):
+            p = pats[i]
+            if (p.regex.search(candidate) if p.slow is None
+                    else _timed_search(p, candidate, deadline)):
                 found = i
                 break
-        result = None if found is None else pats[found]
-        if len(self._cache) >= CACHE_MAX:
-            self._cache.clear()
-        self._cache[candidate] = result
-        return result
+        return None if found is None else pats[found]
 
-    def search(self, candidates: Iterable[str]) -> tuple[Pattern, str] | None:
+    def search(self, candidates: Iterable[str],
+               deadline: float | None = None) -> tuple[Pattern, str] | None:
         """The first candidate (in order) that any pattern matches, with that pattern."""
+        if deadline is None:
+            deadline = time.monotonic() + DECISION_BUDGET
         for c in candidates:
-            p = self.first_match(c)
+            p = self.first_match(c, deadline)
             if p is not None:
                 return p, c
         return None
+
+
+def _timed_search(p: Pattern, candidate: str, deadline: float) -> bool:
+    """A pattern that may backtrack badly, searched within what is left of the budget."""
+    try:
+        return p.slow.search(  # type: ignore[union-attr]
+            candidate, timeout=max(deadline - time.monotonic(), 0.0)) is not None
+    except TimeoutError:
+        raise MatchTimeout(p) from None
 
 
 @dataclass(frozen=True)
@@ -327,14 +447,24 @@ class HostFilter:
         return not self.allow and not self.ignore
 
     def decide(self, candidates: Sequence[str]) -> Decision:
+        """SPEC §3's rule. A pattern that takes too long decides passthrough (reason
+        "timeout", that pattern named): when unsure, leave traffic untouched."""
         cands = tuple(candidates)
+        deadline = time.monotonic() + DECISION_BUDGET
+        try:
+            return self._decide(cands, deadline)
+        except MatchTimeout as e:
+            p = e.pattern
+            return Decision("passthrough", "timeout", p and p.text, p and p.source, None, cands)
+
+    def _decide(self, cands: tuple[str, ...], deadline: float) -> Decision:
         allowed = None
         if self.allow:
-            allowed = self.allow.search(cands)
+            allowed = self.allow.search(cands, deadline)
             if allowed is None:
                 return Decision("passthrough", "allow_hosts", None, None, None, cands)
         if self.ignore:
-            hit = self.ignore.search(cands)
+            hit = self.ignore.search(cands, deadline)
             if hit is not None:
                 p, c = hit
                 return Decision("passthrough", "ignore_hosts", p.text, p.source, c, cands)

@@ -212,6 +212,7 @@ class Exchange:
         keep = down.result()
         if not upload.done():  # the response ended before the request body: close both
             await _settle(upload)
+            self.up.close()  # its request was cut short: never reuse it
             return False
         if upload.exception() is not None:
             raise upload.exception()  # type: ignore[misc]
@@ -229,7 +230,8 @@ class Exchange:
             msg = (f"no response from {up.address} within {ctx.cfg.response_timeout:g} s"
                    if self.phase is Phase.REQUEST else f"{up.address} stalled mid-response")
         elif isinstance(e, h11.RemoteProtocolError):
-            status, msg = 502, f"malformed response from {up.address}: {e}"
+            text = protocol_error_text(e, ctx.cfg.redact)  # the raw line may hold a cookie
+            status, msg = 502, f"malformed response from {up.address}: {text}"
         elif isinstance(e, BadResponse):
             status, msg = 502, str(e)
         elif isinstance(e, UpstreamGone):
@@ -259,6 +261,8 @@ class Exchange:
                     data = await self.client.read(idle)
                 except (StreamTimeout, ConnectionError) as e:
                     raise ClientGone(f"request body interrupted: {e!r}") from None
+                if not data:  # h11 would call this a malformed body; it is a departure
+                    raise ClientGone("closed before the request body ended")
                 self.h.receive_data(data)
             elif type(ev) is h11.Data:
                 if self.fl is not None:
@@ -270,8 +274,6 @@ class Exchange:
                 with TO_UPSTREAM:
                     send(up.h, up.stream, ev)  # type: ignore[arg-type]
                 return
-            elif type(ev) is h11.ConnectionClosed:
-                raise ClientGone("closed before the request body ended")
             ev = self._client_event()
 
     # -- response side --
@@ -415,7 +417,7 @@ class Exchange:
         try:
             await relay.run()
         except Exception as e:  # reset or idle: the upgraded connection is over
-            self.ctx.error("upstream", f"upgraded connection ended: {e}", self.flow_id,
+            self.ctx.error("relay", f"upgraded connection ended: {e}", self.flow_id,
                            up.address)
         finally:
             up.close()

@@ -19,7 +19,7 @@ import h11
 
 from dumpproxy import auth
 from dumpproxy import headers as hdr
-from dumpproxy.addresses import join_host_port
+from dumpproxy.addresses import BadHost, check_host, join_host_port
 from dumpproxy.context import Context
 from dumpproxy.flows import DEFAULT_PORTS, Flow, build_url
 from dumpproxy.hostfilter import candidates
@@ -90,6 +90,24 @@ def _target_text(raw: str, redact: bool) -> str:
     return repr(re.sub(r"//[^/@]*@", "//<redacted>@", raw) if redact else raw)
 
 
+def check_head(req: h11.Request, items: list[tuple[bytes, bytes]]) -> None:
+    """What h11 lets through but a proxy must not forward: another HTTP version (it would
+    be sent on as HTTP/1.1), a head over the cap that arrived in one piece (the cap must not
+    depend on segmentation), a framing field spelled with `_` (back ends that fold `_` into
+    `-` would see a second framing header: smuggling)."""
+    if req.http_version not in (b"1.1", b"1.0"):
+        version = req.http_version.decode("latin-1")
+        raise BadRequest(f"HTTP/{version} is not supported on an HTTP/1 connection", 505)
+    size = len(req.method) + len(req.target)
+    for name, value in items:
+        size += len(name) + len(value) + 4
+        if b"_" in name and name.lower().replace(b"_", b"-") in hdr.FRAMING:
+            raise BadRequest(f"header name {name.decode('latin-1')!r} looks like a framing "
+                             "field: refused")
+    if size > MAX_HEAD:
+        raise BadRequest(f"request head larger than {MAX_HEAD} bytes", 431)
+
+
 def parse_target(raw: str, fixed: Target | None, redact: bool) -> tuple[str, str, int, str]:
     """The request target as (scheme, host, port, origin-form path)."""
     if raw.startswith("/"):
@@ -111,6 +129,10 @@ def parse_target(raw: str, fixed: Target | None, redact: bool) -> tuple[str, str
     else:
         host = parts.hostname
         port = port or DEFAULT_PORTS[scheme]
+        try:
+            check_host(host)
+        except BadHost as e:
+            raise BadRequest(str(e)) from None
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -128,10 +150,10 @@ async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Co
     pool = UpstreamPool(ctx) if target is None else None
     while True:
         try:
-            ev = await next_event(h, client, cfg.client_idle_timeout)
+            ev = await next_event(h, client, cfg.head_timeout)
         except StreamTimeout:
             if h.their_state is not h11.IDLE or h.trailing_data[0]:
-                ctx.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
+                ctx.error("http", f"no complete request head within {cfg.head_timeout:g} s")
             return None
         except h11.RemoteProtocolError as e:
             text = protocol_error_text(e, cfg.redact)
@@ -167,6 +189,7 @@ async def _exchange(ctx: Context, h: h11.Connection, client: Stream, req: h11.Re
     if target is None and services.auth is not None and not services.auth.check_basic(items):
         return refuse(ctx, h, client, "auth", 407, "proxy authentication required")
     try:
+        check_head(req, items)
         if hdr.framing_conflict(items):
             raise BadRequest("request has both Content-Length and Transfer-Encoding")
         scheme, host, port, path = parse_target(req.target.decode("latin-1"), target,

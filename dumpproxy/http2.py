@@ -35,6 +35,11 @@ hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"
 STREAM_WINDOW = 1024 * 1024  # per-stream receive window we grant
 CONNECTION_WINDOW = 4 * 1024 * 1024  # and per connection: the most we ever buffer
 MAX_STREAMS = 128
+# Rapid Reset (CVE-2023-44487): streams a client may open and reset before getting their
+# response, beyond one per response it did get (nginx and h2o account the same way). Past
+# that the client gets GOAWAY ENHANCE_YOUR_CALM: the origin never sees more streams opened
+# than about the concurrency limit, however fast the client resets.
+RESET_ALLOWANCE = MAX_STREAMS
 
 
 class Pending:
@@ -124,6 +129,8 @@ class H2Bridge:
         self.client.peer, self.server.peer = self.server, self.client
         self.by_client: dict[int, H2Stream] = {}
         self.by_up: dict[int, H2Stream] = {}
+        self.answered = 0  # responses completed towards the client
+        self.cancelled = 0  # streams the client reset before their response was complete
 
     # -- setup and loops --
     def _start(self, side: Side) -> None:
@@ -154,6 +161,7 @@ class H2Bridge:
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            self._finish_forwarded(self.client)  # e.g. shutdown right after the last byte
             self._abandon_open_streams()
             # h2's connection objects hold reference cycles; left to the cyclic GC they
             # pile up between its rare full passes. Collect them once per connection.
@@ -211,6 +219,15 @@ class H2Bridge:
                               address=self.up.address)
                 return
 
+    def _calm_down(self) -> None:
+        """Too many streams opened and reset: end the client's connection (and so the
+        upstream one, with whatever it still had open)."""
+        self.ctx.error("http2", f"the client reset {self.cancelled} streams before their "
+                       "responses (HTTP/2 rapid reset): connection closed with "
+                       "ENHANCE_YOUR_CALM", address=self.up.address)
+        self.client.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.server.conn.close_connection()
+
     def _goaway_both(self, message: str) -> None:
         self.ctx.error("http2", message, address=self.up.address)
         for s in (self.client, self.server):
@@ -244,7 +261,11 @@ class H2Bridge:
             for sid in list(side.pending):
                 self._pump(side, sid)
         elif t is h2.events.StreamReset:
-            self._reset(side, ev)
+            if self._reset(side, ev) and side is self.client:
+                self.cancelled += 1
+                if self.cancelled > RESET_ALLOWANCE + self.answered:
+                    self._calm_down()
+                    return False
         elif t is h2.events.ConnectionTerminated:
             if ev.error_code != h2.errors.ErrorCodes.NO_ERROR or self.by_client:
                 self.ctx.error("http2", f"{side.name} sent GOAWAY ({ev.error_code!s}, "
@@ -405,6 +426,7 @@ class H2Bridge:
         """The response is complete towards the client: record it, forget the pair."""
         if pair.flow is not None:
             pair.flow.respond(pair.status, hdr.reason_phrase(pair.status), pair.resp_headers)
+            self.answered += 1
             pair.flow = None
         self._drop(self.server, pair.up_id, pair.client_id)  # upload the origin did not read
         self.by_client.pop(pair.client_id, None)
@@ -429,10 +451,11 @@ class H2Bridge:
         length = hdr.body_length(pair.flow.method, pair.status, pair.resp_headers)
         return length is not None and length == pair.flow.response_bytes
 
-    def _reset(self, side: Side, ev: h2.events.StreamReset) -> None:
+    def _reset(self, side: Side, ev: h2.events.StreamReset) -> bool:
+        """Pass a reset on to the paired stream; True when it cut an exchange short."""
         pair = (self.by_client if side is self.client else self.by_up).get(ev.stream_id)
         if pair is None:
-            return
+            return False
         code = ev.error_code
         other, oid = (self.server, pair.up_id) if side is self.client else (
             self.client, pair.client_id)
@@ -441,6 +464,11 @@ class H2Bridge:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
         self._drop(other, oid, ev.stream_id)
+        if side is self.client and self._forwarded_whole(pair):
+            # The client had the whole response (curl resets once Content-Length is met,
+            # before the origin's END_STREAM): a completed exchange, not a failure.
+            self._finish(pair)
+            return False
         self._drop(side, ev.stream_id, oid)
         flow = pair.flow
         pair.flow = None
@@ -448,7 +476,8 @@ class H2Bridge:
         self.by_up.pop(pair.up_id, None)
         name = getattr(code, "name", str(code))
         self.ctx.error("http2", f"{side.name} reset the stream ({name})",
-                      flow=flow.flow if flow else None, address=self.up.address)
+                       flow=flow.flow if flow else None, address=self.up.address)
+        return True
 
     def _abandon_open_streams(self) -> None:
         for pair in list(self.by_client.values()):

@@ -15,13 +15,14 @@ for the explicit proxy's plain HTTP, `http1_server.serve_http1`.
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import struct
 import time
 
 from dumpproxy import socks5
-from dumpproxy.addresses import join_host_port
+from dumpproxy.addresses import BadHost, check_host, join_host_port
 from dumpproxy.clienthello import Peek, classify
 from dumpproxy.config import Config
 from dumpproxy.context import Context
@@ -39,7 +40,7 @@ from dumpproxy.tunnel import (
     client_tls_message,
     serve_connect,
 )
-from dumpproxy.upstream import Connector, UpstreamError, tcp_connect
+from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Connector, UpstreamError, tcp_connect
 from dumpproxy.viaproxy import ProxyConnector
 
 TLS_HANDSHAKE = 0x16
@@ -65,6 +66,26 @@ async def peek_client(stream: Stream, timeout: float) -> tuple[bytes, Peek]:
         peek = classify(data)
     stream.unread(data)
     return data, peek
+
+
+def sni_name(ctx: Context, sni: str | None, address: str) -> str | None:
+    """The client's SNI if it is a usable host name (an error event otherwise)."""
+    if sni:
+        try:
+            return check_host(sni)
+        except BadHost as e:
+            ctx.error("client_tls", f"the client's TLS server name (SNI): {e}", address=address)
+    return None
+
+
+def server_context(ctx: Context, name: str, alpn: tuple[str, ...], address: str):
+    """The dumpproxy CA's leaf for name, or None (and an error event) without one."""
+    try:
+        return ctx.services.certs.server_context(name, alpn)
+    except OSError as e:  # loading the leaf needs a descriptor, like everything else
+        why = OUT_OF_DESCRIPTORS if e.errno in (errno.EMFILE, errno.ENFILE) else e
+        ctx.error("client_tls", f"no certificate for {name}: {why}", address=address)
+        return None
 
 
 class Mode:
@@ -96,7 +117,7 @@ class RegularMode(Mode):
         """The client's stream: the socket, or TLS on it when the first byte says so."""
         client = ctx.stream
         try:
-            first = await client.read(ctx.cfg.client_idle_timeout)
+            first = await client.read(ctx.cfg.head_timeout)
         except (StreamTimeout, ConnectionError):
             return None
         if not first:
@@ -105,12 +126,17 @@ class RegularMode(Mode):
         if first[0] != TLS_HANDSHAKE:
             return client
         _, peek = await peek_client(client, ctx.cfg.peek_timeout)
+        if peek.sni and sni_name(ctx, peek.sni, self.address) is None:
+            return None
         local = client.transport.get_extra_info("sockname") if client.transport else None
         name = peek.sni or (local[0] if local else self.spec.listen_host or "127.0.0.1")
         certs = ctx.services.certs
         alpn = (HTTP1_ALPN,) if HTTP1_ALPN in peek.alpn else ()
+        server_ctx = server_context(ctx, name, alpn, self.address)
+        if server_ctx is None:
+            return None
         try:
-            tls = await TLSStream.handshake(client, certs.server_context(name, alpn),
+            tls = await TLSStream.handshake(client, server_ctx,
                                             server_side=True, timeout=ctx.cfg.peek_timeout)
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
             ctx.error("client_tls", "secure web proxy: " + client_tls_message(
@@ -133,7 +159,7 @@ class Socks5Mode(Mode):
 
     async def serve(self, ctx: Context) -> None:
         client = ctx.stream
-        reader = _Reader(client, ctx.cfg.client_idle_timeout)
+        reader = _Reader(client, ctx.cfg.head_timeout)
         try:
             await self._handshake(ctx, client, reader)
         except socks5.SocksError as e:
@@ -145,7 +171,7 @@ class Socks5Mode(Mode):
             return
         except StreamTimeout:
             ctx.error("socks5", f"no complete SOCKS5 handshake within "
-                                f"{ctx.cfg.client_idle_timeout:g} s")
+                                f"{ctx.cfg.head_timeout:g} s")
             return
         except ConnectionError as e:
             if reader.buf or reader.started:
@@ -175,6 +201,10 @@ class Socks5Mode(Mode):
                 return
         (req,) = await reader.parse(socks5.parse_request)
         address = join_host_port(req.host, req.port)
+        try:
+            check_host(req.host)
+        except BadHost as e:
+            raise socks5.SocksError(f"SOCKS5 request for {e}", socks5.HOST_UNREACHABLE) from None
         if req.command != socks5.CONNECT:
             name = socks5.COMMAND_NAMES.get(req.command, f"command {req.command:#04x}")
             client.write(socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
@@ -282,7 +312,10 @@ class ReverseTunnel(Tunnel):
             self.host, self.port,
             candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni), peek.sni)
         self.client.unread(data)
-        if decision.passthrough or not data or peek.kind in ("other", "h2c"):
+        if not data:  # a silent client (or a server-first protocol): the head timeout holds
+            left = self.cfg.head_timeout - (time.monotonic() - self.opened)
+            await self.relay(first_timeout=max(left, 0.001))
+        elif decision.passthrough or peek.kind in ("other", "h2c"):
             await self.relay()
         elif peek.kind == "tls":
             await self._tls(peek)
@@ -310,6 +343,8 @@ class ReverseTunnel(Tunnel):
 
     async def _tls(self, peek: Peek) -> None:
         ctx = self.ctx
+        if peek.sni and sni_name(ctx, peek.sni, self.up.address) is None:
+            return
         offered = peek.alpn
         chosen = None
         upstream_error: UpstreamError | None = None
@@ -324,10 +359,12 @@ class ReverseTunnel(Tunnel):
                 self.up.close()
         client_alpn = (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
         certs = ctx.services.certs
+        server_ctx = server_context(ctx, peek.sni or self.host, client_alpn, self.up.address)
+        if server_ctx is None:
+            return
         try:
-            ctls = await TLSStream.handshake(
-                self.client, certs.server_context(peek.sni or self.host, client_alpn),
-                server_side=True, timeout=self.cfg.peek_timeout)
+            ctls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
+                                             timeout=self.cfg.peek_timeout)
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
             ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
                       address=self.up.address)

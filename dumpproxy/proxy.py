@@ -8,6 +8,7 @@ Serving a client only goes down from here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -78,25 +79,30 @@ class Proxy:
 
     # -- connections --
     def accept(self, stream: SocketStream, mode: Mode) -> None:
+        """A new client: counted and recorded at once, served by its listener's mode in its
+        own task; whatever becomes of the task (even cancelled before it ran), the client
+        is closed and `client_disconnect` written, so the counters always match the events."""
         self._ids += 1
         self.services.stats.connections += 1
         ctx = Context(self.services, stream, self._ids, mode.connector)
+        ctx.emit("client_connect")
         task = asyncio.get_running_loop().create_task(self._serve(ctx, mode))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(functools.partial(self._served, ctx))
 
     async def _serve(self, ctx: Context, mode: Mode) -> None:
-        ctx.emit("client_connect")
         try:
             await mode.serve(ctx)
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a bug must cost one connection, never the proxy
             ctx.error("internal", f"{type(e).__name__}: {e}")
-        finally:
-            ctx.close()
-            ctx.emit("client_disconnect", ClientDisconnect(
-                duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
+
+    def _served(self, ctx: Context, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        ctx.close()
+        ctx.emit("client_disconnect", ClientDisconnect(
+            duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
 
     async def start(self) -> None:
         """Bind every listener (all or none), then write one `listening` per listener."""
@@ -145,5 +151,5 @@ class Proxy:
             reason=reason, connections=stats.connections, requests=stats.requests,
             passthrough=stats.passthrough, errors=stats.errors,
             uptime_s=round(time.monotonic() - self.started, 3)))
-        services.events.flush()
+        services.events.close()  # `shutdown` is the last line
         services.certs.close()

@@ -17,10 +17,13 @@ class RelayIdle(Exception):
 class Relay:
     """Copy client<->server until both directions have ended. Counts bytes each way."""
 
-    def __init__(self, client: Stream, server: Stream, idle_timeout: float = IDLE_TIMEOUT):
+    def __init__(self, client: Stream, server: Stream, idle_timeout: float = IDLE_TIMEOUT,
+                 first_timeout: float | None = None):
+        """first_timeout: how long the first byte (either way) may take, when shorter."""
         self.client = client
         self.server = server
         self.idle_timeout = idle_timeout
+        self._limit = idle_timeout if first_timeout is None else first_timeout
         self.to_server = 0
         self.to_client = 0
         self._last = time.monotonic()
@@ -28,16 +31,17 @@ class Relay:
     async def _pump(self, src: Stream, dst: Stream, upstream: bool) -> None:
         while True:
             try:
-                data = await src.read(self.idle_timeout)
+                data = await src.read(self._limit)
             except StreamTimeout:
                 # Idle only if the other direction was quiet too.
-                if time.monotonic() - self._last >= self.idle_timeout:
-                    raise RelayIdle(f"no data either way for {self.idle_timeout:g} s") from None
+                if time.monotonic() - self._last >= self._limit:
+                    raise RelayIdle(f"no data either way for {self._limit:g} s") from None
                 continue
             if not data:
                 dst.write_eof()
                 return
             self._last = time.monotonic()
+            self._limit = self.idle_timeout
             if upstream:
                 self.to_server += len(data)
             else:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import os
+import resource
 import signal
 import ssl
 import sys
 import tempfile
 
+from dumpproxy.addresses import strip_brackets
 from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter
 from dumpproxy.proxy import ListenError, Proxy
+from dumpproxy.schema import Error
 
 WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
@@ -58,7 +62,29 @@ def _status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(strip_brackets(host)).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def raise_descriptor_limit() -> None:
+    """Every connection costs two descriptors: take all the hard limit allows (the soft
+    limit is often 1,024, which 500 tunnels use up)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError):
+        pass  # keep the limit we have
+
+
 async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] | None) -> int:
+    raise_descriptor_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason: list[str] = []
@@ -68,11 +94,33 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             reason.append(why)
         stop.set()
 
-    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"))
+    output = cfg.output or "standard output"
+
+    def output_failed(why: str) -> None:
+        # Serving on while dropping events would break the record: stop, exit 1.
+        print(f"dumpproxy: error: cannot write events to {output}: {why}", file=sys.stderr)
+        trigger("output failed")
+
+    writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger("output closed"),
+                         on_failed=output_failed)
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
+    def on_hup() -> None:
+        """Reload the pattern files, then reopen -o FILE (logrotate: rename, then HUP)."""
+        proxy.reload_filter()
+        if cfg.output and not writer.broken:
+            try:
+                writer.reopen(cfg.output)
+            except OSError as e:
+                proxy.services.emit("error", Error(
+                    stage="reload", message=f"cannot reopen {cfg.output}: "
+                    f"{e.strerror or e}; writing on to the old file"))
+            else:
+                if cfg.verbosity > 0:
+                    print(f"dumpproxy: reopened {cfg.output}", file=sys.stderr)
+
     # Before `listening` is written: a script may send SIGHUP as soon as it sees that line.
-    loop.add_signal_handler(signal.SIGHUP, proxy.reload_filter)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     # wrap mode: SIGINT/SIGTERM go to CMD; one that comes before CMD runs waits for it
     # (one handler throughout: a signal read just before CMD started may run it just after)
     early: list[int] = []
@@ -97,6 +145,15 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         print(f"dumpproxy: error: cannot listen on {where}: {e.strerror or e}",
               file=sys.stderr)
         return 1
+    if writer.failure is not None:  # not even `listening` could be written
+        await proxy.stop("output failed")
+        return 1
+    for mode in proxy.modes:  # open proxies (reverse and transparent are no proxy to use)
+        open_proxy = mode.spec.kind in ("regular", "upstream", "socks5")
+        host = mode.spec.listen_host or cfg.listen_host
+        if open_proxy and not cfg.proxyauth and not is_loopback(host) and cfg.verbosity >= 0:
+            print(f"dumpproxy: warning: listening on {mode.address} without --proxyauth: "
+                  "anyone who can reach this port can use the proxy", file=sys.stderr)
     if cfg.verbosity >= 0 and command is None:
         for mode in proxy.modes:
             kind = mode.spec.kind
@@ -112,7 +169,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     if command is None:
         await stop.wait()
         await proxy.stop(reason[0])
-        return 0
+        return 1 if writer.failure is not None else 0
 
     bundle = write_bundle(ca)
     try:
@@ -141,7 +198,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         code = await waiter
         stopper.cancel()
         await proxy.stop(reason[0] if reason else "command exited", grace=WRAP_GRACE)
-        return _status(code)
+        return 1 if writer.failure is not None else _status(code)
     finally:
         os.unlink(bundle)
 

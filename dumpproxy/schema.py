@@ -22,11 +22,12 @@ Stage = Literal[
     "auth",  # proxy authentication missing or wrong
     "client",  # the client went away mid-exchange
     "client_tls",  # TLS handshake with the client failed (e.g. it distrusts the CA)
+    "decision",  # a pattern took too long to match: passed through, fix the pattern
     "http",  # a malformed or refused HTTP/1 request
     "http2",  # HTTP/2 protocol or connection trouble
     "internal",  # a bug in dumpproxy (costs one connection)
     "relay",  # a passed-through tunnel or upgraded connection broke
-    "reload",  # SIGHUP: a pattern file could not be loaded
+    "reload",  # SIGHUP: a pattern file could not be loaded, or -o FILE not reopened
     "server_connect",  # the destination could not be reached
     "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
     "shutdown",  # an exchange was cut by shutdown
@@ -89,7 +90,8 @@ class Decision(TypedDict):
 
     address: Address
     action: Literal["intercept", "passthrough"]
-    reason: Literal["allow_hosts", "ignore_hosts", "default"]
+    reason: Annotated[Literal["allow_hosts", "ignore_hosts", "default", "timeout"],
+                      "timeout: a pattern took too long; passed through"]
     pattern: Annotated[str | None, "the pattern that decided it"]
     source: Annotated[str | None, "FILE:LINE or the flag that gave the pattern"]
     matched: Annotated[str | None, "the candidate the pattern matched"]

@@ -9,21 +9,22 @@ HTTP/1 or HTTP/2 bridge).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 
 import h11
 
 from dumpproxy import auth
-from dumpproxy.addresses import join_host_port, split_host_port
+from dumpproxy.addresses import BadHost, check_host, join_host_port, split_host_port
 from dumpproxy.clienthello import Peek, classify
 from dumpproxy.context import Context
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import answer_error, error_response, next_event, send
 from dumpproxy.http1_server import Connect, Target, serve_http1
-from dumpproxy.relay import Relay
+from dumpproxy.relay import Relay, RelayIdle
 from dumpproxy.streams import SocketStream, StreamTimeout, TLSStream
-from dumpproxy.upstream import Upstream, UpstreamError
+from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Upstream, UpstreamError
 
 HTTP1_ALPN = "http/1.1"
 H2_ALPN = "h2"
@@ -59,6 +60,7 @@ async def serve_connect(ctx: Context, client: SocketStream, connect: Connect) ->
     else:
         try:
             host, port = split_host_port(req.target.decode("latin-1"))
+            check_host(host)
         except ValueError as e:
             ctx.error("http", f"bad CONNECT target: {e}")
             reply = (400, f"Bad CONNECT target: {e}")
@@ -93,6 +95,7 @@ class Tunnel:
         self.up = up
         self.host = host
         self.port = port
+        self.opened = time.monotonic()
 
     async def _peek(self) -> tuple[bytes, Peek]:
         """Read the client's first bytes: until classify() is complete, EOF or the timeout."""
@@ -128,7 +131,10 @@ class Tunnel:
                 peek.sni,
             )
         self.client.unread(data)
-        if decision.passthrough or peek.kind in ("other", "h2c") or not data:
+        if not data:  # a silent client (or a server-first protocol): the head timeout holds
+            left = self.cfg.head_timeout - (time.monotonic() - self.opened)
+            await self.relay(first_timeout=max(left, 0.001))
+        elif decision.passthrough or peek.kind in ("other", "h2c"):
             await self.relay()
         elif peek.kind == "tls":
             await self.intercept_tls(peek)
@@ -136,10 +142,16 @@ class Tunnel:
             target = Target("http", self.host, self.port, self.up)
             await serve_http1(self.ctx, self.client, target)
 
-    async def relay(self) -> None:
-        relay = Relay(self.client, self.up.stream, self.cfg.idle_timeout)
+    async def relay(self, first_timeout: float | None = None) -> None:
+        relay = Relay(self.client, self.up.stream, self.cfg.idle_timeout, first_timeout)
         try:
             await relay.run()
+        except RelayIdle as e:
+            why = str(e)
+            if first_timeout is not None and not (relay.to_server or relay.to_client):
+                why = f"no data from either side within {self.cfg.head_timeout:g} s"
+            self.ctx.error("relay", f"tunnel to {self.up.address} closed: {why}",
+                           address=self.up.address)
         except (ConnectionError, OSError) as e:
             self.ctx.error("relay", f"tunnel to {self.up.address} reset: {e}",
                           address=self.up.address)
@@ -151,6 +163,13 @@ class Tunnel:
 
     async def intercept_tls(self, peek: Peek) -> None:
         ctx, cfg = self.ctx, self.cfg
+        if peek.sni:
+            try:
+                check_host(peek.sni)
+            except BadHost as e:
+                ctx.error("client_tls", f"the client's TLS server name (SNI): {e}",
+                          address=self.up.address)
+                return
         server_name = peek.sni or self.host
         offered = peek.alpn
         # ALPN is settled upstream first, so that both sides speak the same protocol.
@@ -166,7 +185,14 @@ class Tunnel:
             chosen = None
         client_alpn = (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
         certs = ctx.services.certs
-        server_ctx = certs.server_context(server_name, client_alpn)
+        try:
+            server_ctx = certs.server_context(server_name, client_alpn)
+        except OSError as e:  # loading the leaf needs a descriptor, like everything else
+            why = OUT_OF_DESCRIPTORS if e.errno in (errno.EMFILE, errno.ENFILE) else e
+            ctx.error("client_tls", f"no certificate for {server_name}: {why}",
+                      address=self.up.address)
+            self.up.close()
+            return
         try:
             ctls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
                                              timeout=cfg.peek_timeout)
@@ -200,7 +226,7 @@ async def answer_with_error(ctx: Context, stream, err: UpstreamError) -> None:
     """Give the client's first request a readable error (e.g. upstream TLS failed)."""
     h = h11.Connection(h11.SERVER)
     try:
-        ev = await next_event(h, stream, ctx.cfg.client_idle_timeout)
+        ev = await next_event(h, stream, ctx.cfg.head_timeout)
         if type(ev) is h11.Request:
             for event in error_response(err.status, err.message):
                 send(h, stream, event)

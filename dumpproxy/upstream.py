@@ -43,6 +43,10 @@ class UpstreamError(Exception):
         self.kind = kind  # "dns", "refused", "unreachable", "timeout" (SOCKS5 reply codes)
 
 
+OUT_OF_DESCRIPTORS = ("dumpproxy ran out of file descriptors (too many open connections); "
+                      "raise the limit with `ulimit -n`")
+
+
 _ERRNO_KINDS = {errno.ECONNREFUSED: "refused", errno.ENETUNREACH: "net_unreachable",
                 errno.EHOSTUNREACH: "unreachable", errno.ETIMEDOUT: "timeout"}
 
@@ -80,6 +84,8 @@ async def tcp_connect(host: str, port: int, timeout: float,
             "server_connect", f"DNS lookup for {host} failed: {e.strerror}", kind="dns"
         ) from None
     except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the destination's fault
+            raise UpstreamError("server_connect", OUT_OF_DESCRIPTORS, 503) from None
         reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
         raise UpstreamError(
             "server_connect", f"cannot connect to {join_host_port(host, port)}: {reason}",

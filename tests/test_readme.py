@@ -109,8 +109,8 @@ def test_marked_blocks_exist_and_are_shell():
     text = README.read_text()
     found = {name: lang for name, lang, _ in MARKED.findall(text)}
     modes = {n for n in found if n.startswith("mode-")}  # run by test_modes_readme.py
-    assert {n: found[n] for n in set(found) - modes} == {"ci-capture": "sh",
-                                                         "jq-cookbook": "sh"}
+    assert {n: found[n] for n in set(found) - modes} == {
+        "ci-capture": "sh", "jq-cookbook": "sh", "clickhouse": "sh", "har": "sh"}
     assert all(found[n] == "sh" for n in modes)
     assert text.count("<!-- test: ") == len(found), "a marker not right before a fence"
     # the recipe sits under its own heading
