@@ -116,7 +116,11 @@ _dumpproxy()
             return
             ;;
         --mode)
-            # upstream:, reverse:, socks5 and transparent: not yet implemented (refused at startup).
+            # MODE@PORT or MODE@HOST:PORT: a listen address follows "@", nothing to offer
+            if [[ $cur == *@* ]]; then
+                COMPREPLY=()
+                return
+            fi
             COMPREPLY=($(compgen -W 'regular upstream: reverse: socks5 transparent' -- "$cur"))
             # "upstream:" and "reverse:" are followed by a URL, not a space.
             [[ ${#COMPREPLY[@]} -eq 1 && ${COMPREPLY[0]} == *: ]] && compopt -o nospace 2>/dev/null

@@ -34,12 +34,12 @@ set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har'
 
 complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
-complete -c dumpproxy $opts -l mode -x -d 'Proxy mode (default regular)' -a '
+complete -c dumpproxy $opts -l mode -x -d 'Proxy mode (default regular; repeatable; MODE@PORT or MODE@HOST:PORT: own listener)' -a '
     regular\t"Explicit HTTP(S) proxy (default)"
-    upstream:\t"Through the HTTP proxy at URL (not yet implemented)"
-    reverse:\t"Act as the server at URL (not yet implemented)"
-    socks5\t"SOCKS5 proxy (not yet implemented)"
-    transparent\t"Transparent proxy (not yet implemented)"'
+    upstream:\t"Through the HTTP proxy at URL"
+    reverse:\t"Act as the server at URL"
+    socks5\t"SOCKS5 proxy"
+    transparent\t"Transparent proxy"'
 complete -c dumpproxy $opts -l ignore-hosts -x -d 'Pass matching destinations through (regex, repeatable)'
 complete -c dumpproxy $opts -l allow-hosts -x -d 'Intercept only matching destinations (regex, repeatable)'
 complete -c dumpproxy $opts -l ignore-hosts-file -r -F -d 'Read ignore patterns from FILE (- for stdin)'

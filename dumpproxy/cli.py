@@ -17,10 +17,10 @@ from dumpproxy import __version__
 from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
 from dumpproxy.config import Config
 from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
+from dumpproxy.modespec import ModeError, ModeSpec, parse_mode
 from dumpproxy.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 
 MODES = ("regular", "upstream:URL", "reverse:URL", "socks5", "transparent")
-IMPLEMENTED_MODES = ("regular",)
 SHELLS = ("bash", "zsh", "fish")
 
 USAGE = """\
@@ -94,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default: 127.0.0.1)")
     g.add_argument("-p", "--listen-port", metavar="PORT", type=_port, default=None,
                    help="port; 0 picks a free one (default: 8080; wrap mode: 0)")
-    g.add_argument("--mode", metavar="MODE", default=None,
-                   help="regular (default, an explicit HTTP(S) proxy); upstream:URL, "
-                        "reverse:URL, socks5 and transparent are not yet implemented")
+    g.add_argument("--mode", metavar="MODE", action="append", default=None,
+                   help="regular (default), upstream:URL, reverse:URL, socks5, transparent; "
+                        "repeatable, each with its own listener: MODE@PORT or "
+                        "MODE@HOST:PORT")
     g.add_argument("--proxyauth", metavar="USER:PASS",
-                   help="require proxy authentication (HTTP Basic only for now)")
+                   help="require proxy authentication (HTTP Basic; SOCKS5 user/pass)")
     f = p.add_argument_group("intercept or pass through")
     f.add_argument("--ignore-hosts", metavar="REGEX", action="append", default=[],
                    help="pass matching destinations through untouched; repeatable")
@@ -185,18 +186,33 @@ def _fail(message: str, status: int = EXIT_USAGE) -> int:
     return status
 
 
+def _modes(args: argparse.Namespace, port: int) -> tuple[ModeSpec, ...]:
+    """The --mode values, each a listener; two may not claim the same fixed address."""
+    specs = []
+    for value in args.mode or ["regular"]:
+        try:
+            specs.append(parse_mode(value))
+        except ModeError as e:
+            kind = value.split("@")[0].split(":")[0]
+            known = [m.split(":")[0] for m in MODES]
+            close = difflib.get_close_matches(kind, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close and kind not in known else ""
+            raise UsageError(f"--mode: {e}{hint}") from None
+    seen: dict[tuple[str, int], str] = {}
+    for spec in specs:
+        where = (spec.listen_host or args.listen_host,
+                 spec.listen_port if spec.listen_port is not None else port)
+        if where[1] != 0 and where in seen:
+            raise UsageError(
+                f"--mode: {seen[where]} and {spec.shown()} both listen on "
+                f"{where[0]}:{where[1]}; give each its own port (MODE@PORT)")
+        seen[where] = spec.shown()
+    return tuple(specs)
+
+
 def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Config:
-    mode = args.mode or "regular"
-    known = [m.split(":")[0] for m in MODES]
-    kind = mode.split(":", 1)[0]
-    if kind not in known:
-        hint = difflib.get_close_matches(kind, known, n=1)
-        hint_text = f"; did you mean {hint[0]}?" if hint else f" (choose from {', '.join(MODES)})"
-        raise UsageError(f"--mode: unknown mode {mode!r}{hint_text}")
-    if kind in ("upstream", "reverse") and not mode.partition(":")[2]:
-        raise UsageError(f"--mode: {kind} needs a URL ({kind}:http://host:port)")
-    if kind not in IMPLEMENTED_MODES:
-        raise UsageError(f"--mode: mode {kind!r} is not implemented yet in this version")
+    port = args.listen_port if args.listen_port is not None else (0 if wrap else 8080)
+    modes = _modes(args, port)
     if args.proxyauth is not None and ":" not in args.proxyauth:
         raise UsageError("--proxyauth: expected USER:PASS")
     if args.upstream_ca:
@@ -205,11 +221,10 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         except (OSError, ssl.SSLError) as e:
             reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e
             raise UsageError(f"--upstream-ca: {args.upstream_ca}: {reason}") from None
-    port = args.listen_port if args.listen_port is not None else (0 if wrap else 8080)
     return Config(
         listen_host=args.listen_host,
         listen_port=port,
-        mode=mode,
+        modes=modes,
         sources=sources,
         peek_timeout=args.peek_timeout,
         head_timeout=args.head_timeout,

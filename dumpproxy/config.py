@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dumpproxy.hostfilter import FilterSources
+from dumpproxy.modespec import ModeSpec
+
+REGULAR = ModeSpec("regular", "regular")
 
 
 @dataclass
 class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
-    mode: str = "regular"
+    # one listener per mode; a mode without its own @HOST:PORT uses listen_host/port
+    modes: tuple[ModeSpec, ...] = (REGULAR,)
     sources: FilterSources = field(default_factory=FilterSources)
     peek_timeout: float = 10.0
     ca_dir: str = ""

@@ -64,8 +64,11 @@ class Services:
 class Context:
     """One client connection: its id and address, its events, decisions and upstreams."""
 
-    def __init__(self, services: Services, stream: SocketStream, cid: int):
+    def __init__(self, services: Services, stream: SocketStream, cid: int,
+                 connector: Connector | None = None):
         self.services = services  #: the shared services
+        #: how this connection's upstreams are made: its listener's mode (default: direct)
+        self.connector = connector or services.connector
         self.cfg = services.cfg  #: shorthand for services.cfg
         self.stream = stream  #: the client's socket
         self.id = cid  #: `conn` in events
@@ -101,11 +104,14 @@ class Context:
                        address=address)
         return d
 
-    async def open_upstream(self, host: str, port: int,
-                            tls: TLSRequest | None = None) -> Upstream:
-        """A new connection to host:port (TLS on top when asked), owned by this one."""
-        up = await self.services.connector.open(self.emit, host, port, tls,
-                                                self.upstreams.discard)
+    async def open_upstream(self, host: str, port: int, tls: TLSRequest | None = None,
+                            forward: bool = False) -> Upstream:
+        """A new connection to host:port (TLS on top when asked), owned by this one.
+
+        forward: it carries the explicit proxy's plain HTTP (an upstream proxy then takes
+        the requests in absolute form instead of a CONNECT)."""
+        up = await self.connector.open(self.emit, host, port, tls, self.upstreams.discard,
+                                       forward)
         self.upstreams.add(up)
         return up
 

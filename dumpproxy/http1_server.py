@@ -21,7 +21,7 @@ from dumpproxy import auth
 from dumpproxy import headers as hdr
 from dumpproxy.addresses import BadHost, check_host, join_host_port
 from dumpproxy.context import Context
-from dumpproxy.flows import DEFAULT_PORTS, Flow
+from dumpproxy.flows import DEFAULT_PORTS, Flow, build_url
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import MAX_HEAD, Exchange, answer_error, next_event, protocol_error_text
 from dumpproxy.streams import Stream, StreamTimeout
@@ -53,6 +53,7 @@ class Target:
     port: int
     upstream: Upstream  # the current connection; a reconnect goes where it went
     tls: TLSRequest | None = None  # how to reconnect
+    authority: bytes | None = None  # reverse mode: the Host header every request gets
 
     async def connection(self, ctx: Context) -> Upstream:
         up = self.upstream
@@ -80,7 +81,7 @@ class UpstreamPool:
             old_key = next(iter(self._by_target))
             self._by_target.pop(old_key).close()
         tls = (host, ("http/1.1",)) if scheme == "https" else None
-        up = await self.ctx.open_upstream(host, port, tls)
+        up = await self.ctx.open_upstream(host, port, tls, forward=scheme == "http")
         self._by_target[key] = up
         return up
 
@@ -212,6 +213,13 @@ async def _exchange(ctx: Context, h: h11.Connection, client: Stream, req: h11.Re
     upgrade = hdr.header_value(items, b"upgrade") is not None and hdr.has_token(
         items, b"connection", b"upgrade")
     out = hdr.forwardable(items, keep_upgrade=upgrade)
-    if hdr.header_value(out, b"host") is None:
+    if target is not None and target.authority is not None:  # reverse mode
+        out = [(n, v) for n, v in out if n.lower() != b"host"]
+        out.insert(0, (b"Host", target.authority))
+    elif hdr.header_value(out, b"host") is None:
         out.insert(0, (b"Host", join_host_port(host, port).encode()))
-    return await Exchange(ctx, h, client, req, up, path.encode(), out, upgrade, fl).run()
+    wire_target = path.encode()
+    if up.absolute_form:  # to an upstream proxy: absolute form, with its credentials
+        wire_target = build_url(scheme, host, port, path).encode()
+        out.extend(up.proxy_headers)
+    return await Exchange(ctx, h, client, req, up, wire_target, out, upgrade, fl).run()

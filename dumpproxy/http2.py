@@ -123,6 +123,7 @@ class H2Bridge:
         self.up = up
         self.scheme = scheme
         self.host = host  # as the HTTP/1 bridge names it: the SNI, else the CONNECT host
+        self.authority: bytes | None = None  # reverse mode: every request's :authority
         self.client = Side("client", client, client_side=False)
         self.server = Side("server", up.stream, client_side=True)
         self.client.peer, self.server.peer = self.server, self.client
@@ -283,6 +284,9 @@ class H2Bridge:
                     "HTTP/2.0", _regular(headers))
         out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
             _regular(headers))
+        if self.authority is not None:  # reverse mode: the target's, whatever the client said
+            out = [(n, self.authority if n == b":authority" else v) for n, v in out
+                   if n != b"host"]
         up_conn = self.server.conn
         try:
             up_id = up_conn.get_next_available_stream_id()

@@ -1,7 +1,8 @@
-"""The proxy: the listener, one context per accepted client, pattern reloads, shutdown.
+"""The proxy: the listeners, one context per accepted client, pattern reloads, shutdown.
 
-Serving a client only goes down from here: the regular mode's handler runs the HTTP/1
-server, and a CONNECT it hands back goes to the tunnel module.
+One listener per `--mode`, each with its `modes.Mode` (how the destination is learned,
+how upstream connections are made); all share the services (CA, host filter, output).
+Serving a client only goes down from here.
 """
 
 from __future__ import annotations
@@ -19,32 +20,33 @@ from dumpproxy.config import Config
 from dumpproxy.context import Context, Services
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter, PatternError
-from dumpproxy.http1_server import serve_http1
+from dumpproxy.modes import Mode, make_mode
 from dumpproxy.schema import SCHEMA_VERSION, ClientDisconnect, Error, Listening, Shutdown
 from dumpproxy.streams import SocketStream
-from dumpproxy.tunnel import serve_connect
 from dumpproxy.upstream import Connector
 
 SHUTDOWN_GRACE = 2.0
 
 
-async def serve_regular(ctx: Context) -> None:
-    """Regular mode: an explicit HTTP proxy; CONNECT requests become tunnels."""
-    connect = await serve_http1(ctx, ctx.stream, None)
-    if connect is not None:
-        await serve_connect(ctx, ctx.stream, connect)
+class ListenError(OSError):
+    """A listener could not bind; `where` names its mode and address."""
+
+    def __init__(self, where: str, e: OSError):
+        super().__init__(e.errno, e.strerror)
+        self.where = where
 
 
 class _Accepted(SocketStream):
-    """A client socket: starts its handler when the connection is made."""
+    """A client socket: starts its listener's handler when the connection is made."""
 
-    def __init__(self, proxy: Proxy):
+    def __init__(self, proxy: Proxy, mode: Mode):
         super().__init__()
         self.proxy = proxy
+        self.mode = mode
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.proxy.accept(self)
+        self.proxy.accept(self, self.mode)
 
 
 class Proxy:
@@ -55,8 +57,9 @@ class Proxy:
         self.started = time.monotonic()
         self.tasks: set[asyncio.Task] = set()
         self._ids = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.address = ""
+        self.modes = [make_mode(spec, cfg) for spec in cfg.modes]
+        self.servers: list[asyncio.AbstractServer] = []
+        self.address = ""  #: the first listener's address (wrap mode, the stderr line)
 
     def reload_filter(self) -> None:
         """SIGHUP: re-read pattern files; a bad file keeps the old set."""
@@ -75,21 +78,21 @@ class Proxy:
             )
 
     # -- connections --
-    def accept(self, stream: SocketStream) -> None:
-        """A new client: counted and recorded at once, served by its own task; whatever
-        becomes of the task (even cancelled before it ran), the client is closed and
-        `client_disconnect` written, so the counters always match the events."""
+    def accept(self, stream: SocketStream, mode: Mode) -> None:
+        """A new client: counted and recorded at once, served by its listener's mode in its
+        own task; whatever becomes of the task (even cancelled before it ran), the client
+        is closed and `client_disconnect` written, so the counters always match the events."""
         self._ids += 1
         self.services.stats.connections += 1
-        ctx = Context(self.services, stream, self._ids)
+        ctx = Context(self.services, stream, self._ids, mode.connector)
         ctx.emit("client_connect")
-        task = asyncio.get_running_loop().create_task(self._serve(ctx))
+        task = asyncio.get_running_loop().create_task(self._serve(ctx, mode))
         self.tasks.add(task)
         task.add_done_callback(functools.partial(self._served, ctx))
 
-    async def _serve(self, ctx: Context) -> None:
+    async def _serve(self, ctx: Context, mode: Mode) -> None:
         try:
-            await serve_regular(ctx)
+            await mode.serve(ctx)
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a bug must cost one connection, never the proxy
@@ -102,22 +105,40 @@ class Proxy:
             duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
 
     async def start(self) -> None:
+        """Bind every listener (all or none), then write one `listening` per listener."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: _Accepted(self), self.cfg.listen_host, self.cfg.listen_port,
-            reuse_address=True, backlog=1024,
-        )
-        sock = self.server.sockets[0].getsockname()
-        self.address = join_host_port(sock[0], sock[1])
-        self.services.emit("listening", Listening(
-            address=self.address, mode=self.cfg.mode, version=__version__, pid=os.getpid(),
-            ca_cert=self.services.certs.ca.cert_path, schema=SCHEMA_VERSION))
+        for mode in self.modes:
+            spec = mode.spec
+            host = spec.listen_host or self.cfg.listen_host
+            port = spec.listen_port if spec.listen_port is not None else self.cfg.listen_port
+            try:
+                server = await loop.create_server(
+                    lambda mode=mode: _Accepted(self, mode), host, port,
+                    reuse_address=True, backlog=1024,
+                )
+            except OSError as e:
+                for s in self.servers:
+                    s.close()
+                self.servers.clear()
+                where = join_host_port(host, port)
+                if len(self.modes) > 1:
+                    where += f" (--mode {spec.shown()})"
+                raise ListenError(where, e) from None
+            self.servers.append(server)
+            mode.sockname = server.sockets[0].getsockname()
+            mode.address = join_host_port(mode.sockname[0], mode.sockname[1])
+        self.address = self.modes[0].address
+        for mode in self.modes:
+            self.services.emit("listening", Listening(
+                address=mode.address, mode=mode.spec.shown(self.cfg.redact),
+                version=__version__, pid=os.getpid(),
+                ca_cert=self.services.certs.ca.cert_path, schema=SCHEMA_VERSION))
         self.services.events.flush()
 
     async def stop(self, reason: str, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight work end (up to grace), cancel the rest."""
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         if grace and self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
         for t in list(self.tasks):

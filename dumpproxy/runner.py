@@ -12,12 +12,12 @@ import ssl
 import sys
 import tempfile
 
-from dumpproxy.addresses import strip_brackets
+from dumpproxy.addresses import join_host_port, strip_brackets
 from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter
-from dumpproxy.proxy import Proxy
+from dumpproxy.proxy import ListenError, Proxy
 from dumpproxy.schema import Error
 from dumpproxy.status import (
     EXIT_CANNOT_EXECUTE,
@@ -59,10 +59,13 @@ def write_bundle(ca: CA) -> str:
     return path
 
 
-def wrap_env(proxy_url: str, bundle: str) -> dict[str, str]:
+def wrap_env(proxy_url: str | None, bundle: str) -> dict[str, str]:
+    """CMD's environment: the proxy variables (when there is an HTTP proxy listener) and
+    the CA bundle variables."""
     env = dict(os.environ)
     for name in ("HTTP_PROXY", "HTTPS_PROXY"):
-        env[name] = env[name.lower()] = proxy_url
+        if proxy_url is not None:
+            env[name] = env[name.lower()] = proxy_url
     for name in CA_ENV:
         env[name] = bundle
     return env
@@ -72,12 +75,11 @@ def _status(returncode: int) -> int:
     return EXIT_SIGNAL_BASE - returncode if returncode < 0 else returncode
 
 
-def listen_error(host: str, port: int, e: OSError) -> str:
+def listen_error(where: str, e: OSError) -> str:
     """`cannot listen on HOST:PORT: address already in use`: the system's words for the
     errno, not the event loop's ("error while attempting to bind on address (...)")."""
     why = os.strerror(e.errno) if e.errno else str(e)
     why = why[:1].lower() + why[1:]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"cannot listen on {where}: {why}"
 
 
@@ -171,17 +173,26 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         await proxy.start()
     except OSError as e:
         certs.close()
-        print(f"dumpproxy: error: {listen_error(cfg.listen_host, cfg.listen_port, e)}",
-              file=sys.stderr)
+        where = e.where if isinstance(e, ListenError) else \
+            join_host_port(cfg.listen_host, cfg.listen_port)
+        print(f"dumpproxy: error: {listen_error(where, e)}", file=sys.stderr)
         return EXIT_RUNTIME
     if writer.failure is not None:  # not even `listening` could be written
         await proxy.stop(REASON_OUTPUT_FAILED)
         return EXIT_RUNTIME
-    if not cfg.proxyauth and not is_loopback(cfg.listen_host) and cfg.verbosity >= 0:
-        print(f"dumpproxy: warning: listening on {proxy.address} without --proxyauth: "
-              "anyone who can reach this port can use the proxy", file=sys.stderr)
+    for mode in proxy.modes:  # open proxies (reverse and transparent are no proxy to use)
+        open_proxy = mode.spec.kind in ("regular", "upstream", "socks5")
+        host = mode.spec.listen_host or cfg.listen_host
+        if open_proxy and not cfg.proxyauth and not is_loopback(host) and cfg.verbosity >= 0:
+            print(f"dumpproxy: warning: listening on {mode.address} without --proxyauth: "
+                  "anyone who can reach this port can use the proxy", file=sys.stderr)
     if cfg.verbosity >= 0 and command is None:
-        print(f"dumpproxy: listening on http://{proxy.address}", file=sys.stderr)
+        for mode in proxy.modes:
+            kind = mode.spec.kind
+            scheme = "socks5" if kind == "socks5" else "http"
+            what = "" if kind == "regular" else f" ({kind})"
+            print(f"dumpproxy: listening on {scheme}://{mode.address}{what}",
+                  file=sys.stderr)
     # Everything loaded so far lives as long as the process: keep it out of the cyclic
     # GC's full passes, which then cost little (the HTTP/2 bridge asks for one per
     # connection).
@@ -194,7 +205,11 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
 
     bundle = write_bundle(ca)
     try:
-        env = wrap_env(f"http://{proxy.address}", bundle)
+        # the first regular or upstream listener, if any (other modes: CMD names the
+        # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
+        http_proxy = next((f"http://{m.address}" for m in proxy.modes
+                           if m.spec.kind in ("regular", "upstream")), None)
+        env = wrap_env(http_proxy, bundle)
         note = no_proxy_note(env)
         if note and cfg.verbosity >= 0:
             print(note, file=sys.stderr)

@@ -31,6 +31,8 @@ Stage = Literal[
     "server_connect",  # the destination could not be reached
     "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
     "shutdown",  # an exchange was cut by shutdown
+    "socks5",  # a malformed or refused SOCKS5 handshake or request
+    "transparent",  # transparent mode: no original destination, or a redirect loop
     "upstream",  # the destination misbehaved mid-exchange
 ]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
@@ -44,7 +46,8 @@ class Listening(TypedDict):
     """First line, once the port accepts connections."""
 
     address: Address
-    mode: Annotated[str, "regular, upstream:URL, reverse:URL, socks5 or transparent"]
+    mode: Annotated[str, "this listener's mode: regular, upstream:URL, reverse:URL, socks5 "
+                         "or transparent (an upstream URL's credentials redacted)"]
     version: Annotated[str, "dumpproxy's version"]
     pid: int
     ca_cert: Annotated[str, "path of the CA certificate"]
@@ -61,12 +64,16 @@ class ClientDisconnect(TypedDict):
     duration_ms: Ms
 
 
-class ServerConnect(TypedDict):
+class _ServerConnectHead(TypedDict):
+    address: Annotated[str, "the logical destination, host:port"]
+    ip: Annotated[str, "the resolved peer, ip:port (the upstream proxy in upstream mode)"]
+    connect_ms: Ms
+
+
+class ServerConnect(_ServerConnectHead, total=False):
     """A TCP connection to the destination is up."""
 
-    address: Annotated[str, "the logical destination, host:port"]
-    ip: Annotated[str, "the resolved peer, ip:port"]
-    connect_ms: Ms
+    via: Annotated[str, "upstream mode: the upstream proxy it went through (URL)"]
 
 
 class ServerDisconnect(TypedDict):

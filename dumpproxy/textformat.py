@@ -30,7 +30,8 @@ def format_text(ev: dict) -> str | None:
     if kind == "client_disconnect":
         return f"{who}client disconnect\n"
     if kind == "server_connect":
-        return f"{who}server connect {_peer(ev)}\n"
+        via = f" via {ev['via']}" if "via" in ev else ""  # upstream mode
+        return f"{who}server connect {_peer(ev)}{via}\n"
     if kind == "server_disconnect":
         return f"{who}server disconnect {_peer(ev)}\n"
     if kind == "decision":

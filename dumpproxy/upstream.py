@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import h11
 
@@ -34,40 +35,73 @@ class UpstreamError(Exception):
     the error event's stage.
     """
 
-    def __init__(self, stage: str, message: str, status: int = 502):
+    def __init__(self, stage: str, message: str, status: int = 502, kind: str | None = None):
         super().__init__(message)
         self.stage = stage
         self.message = message
         self.status = status
+        self.kind = kind  # "dns", "refused", "unreachable", "timeout" (SOCKS5 reply codes)
 
 
 OUT_OF_DESCRIPTORS = ("dumpproxy ran out of file descriptors (too many open connections); "
                       "raise the limit with `ulimit -n`")
 
 
-async def tcp_connect(host: str, port: int, timeout: float) -> SocketStream:
-    """A direct TCP connection, failures as UpstreamError."""
+_ERRNO_KINDS = {errno.ECONNREFUSED: "refused", errno.ENETUNREACH: "net_unreachable",
+                errno.EHOSTUNREACH: "unreachable", errno.ETIMEDOUT: "timeout"}
+
+
+@dataclass
+class Dialed:
+    """What a Connector's `dial` made: the socket, the stream to talk on (TLS to an
+    upstream proxy), the proxy it went through, and how plain HTTP is sent on it."""
+
+    sock: SocketStream
+    stream: Stream | None = None  # default: the socket itself
+    via: str | None = None  # the upstream proxy's URL (upstream mode)
+    absolute_form: bool = False  # plain HTTP in absolute form (to an upstream proxy)
+    proxy_headers: tuple[tuple[bytes, bytes], ...] = ()  # added to such requests
+
+
+async def tcp_connect(host: str, port: int, timeout: float,
+                      sock: socket.socket | None = None) -> SocketStream:
+    """A direct TCP connection, failures as UpstreamError. sock: a socket of the caller's
+    (bound already, non-blocking) to connect, with host an IP address."""
     loop = asyncio.get_running_loop()
     try:
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(SocketStream, host, port), timeout
-        )
+        if sock is None:
+            connecting = loop.create_connection(SocketStream, host, port)
+        else:
+            connecting = _connect_socket(sock, host, port)
+        _, proto = await asyncio.wait_for(connecting, timeout)
     except asyncio.TimeoutError:
         raise UpstreamError(
-            "server_connect", f"connecting to {join_host_port(host, port)} timed out", 504
+            "server_connect", f"connecting to {join_host_port(host, port)} timed out", 504,
+            "timeout",
         ) from None
     except socket.gaierror as e:
         raise UpstreamError(
-            "server_connect", f"DNS lookup for {host} failed: {e.strerror}"
+            "server_connect", f"DNS lookup for {host} failed: {e.strerror}", kind="dns"
         ) from None
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):  # ours, not the destination's fault
             raise UpstreamError("server_connect", OUT_OF_DESCRIPTORS, 503) from None
         reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
         raise UpstreamError(
-            "server_connect", f"cannot connect to {join_host_port(host, port)}: {reason}"
+            "server_connect", f"cannot connect to {join_host_port(host, port)}: {reason}",
+            kind=_ERRNO_KINDS.get(e.errno or 0),
         ) from None
     return proto
+
+
+async def _connect_socket(sock: socket.socket, host: str, port: int):
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (host, port))
+        return await loop.create_connection(SocketStream, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def describe_tls_error(e: BaseException, host: str) -> str:
@@ -106,6 +140,11 @@ class Connector:
     async def tcp(self, host: str, port: int) -> SocketStream:
         return await tcp_connect(host, port, self.cfg.connect_timeout)
 
+    async def dial(self, host: str, port: int, forward: bool = False) -> Dialed:
+        """The connection to host:port; forward: it will carry plain HTTP requests (an
+        upstream proxy takes them in absolute form instead of a CONNECT)."""
+        return Dialed(await self.tcp(host, port))
+
     def tls_context(self, alpn: tuple[str, ...]) -> ssl.SSLContext:
         ctx = self._contexts.get(alpn)
         if ctx is None:
@@ -116,14 +155,17 @@ class Connector:
         return ctx
 
     async def open(self, emit: Emit, host: str, port: int, tls: TLSRequest | None = None,
-                   on_close: Callable[[Upstream], None] | None = None) -> Upstream:
+                   on_close: Callable[[Upstream], None] | None = None,
+                   forward: bool = False) -> Upstream:
         """Connect (and with tls, handshake) to host:port; events go through emit."""
         started = time.monotonic()
-        sock = await self.tcp(host, port)
-        up = Upstream(self, emit, sock, host, port, on_close)
-        emit("server_connect", ServerConnect(
-            address=up.address, ip=up.ip,
-            connect_ms=round((time.monotonic() - started) * 1000, 3)))
+        dialed = await self.dial(host, port, forward)
+        up = Upstream(self, emit, dialed.sock, host, port, on_close, dialed)
+        fields = ServerConnect(address=up.address, ip=up.ip,
+                               connect_ms=round((time.monotonic() - started) * 1000, 3))
+        if dialed.via is not None:
+            fields["via"] = dialed.via
+        emit("server_connect", fields)
         if tls is not None:
             try:
                 await up.start_tls(*tls)
@@ -137,17 +179,23 @@ class Upstream:
     """One connection to a destination, owned by a client connection."""
 
     def __init__(self, connector: Connector, emit: Emit, sock: SocketStream, host: str,
-                 port: int, on_close: Callable[[Upstream], None] | None = None):
+                 port: int, on_close: Callable[[Upstream], None] | None = None,
+                 dialed: Dialed | None = None):
         self.connector = connector
         self.emit = emit
         self.sock = sock
-        self.stream: Stream = sock
+        self.stream: Stream = dialed.stream if dialed and dialed.stream else sock
+        self._base = self.stream  # what TLS with the destination runs over
         self.host = host
         self.port = port
         self.address = join_host_port(host, port)
         peer = sock.peername or ("?", port)
-        self.ip_host: str = peer[0]
+        self.via = dialed.via if dialed else None  #: the upstream proxy, if any
+        # The resolved peer is a candidate only when it is the destination (SPEC §3).
+        self.ip_host: str | None = None if self.via else peer[0]
         self.ip = join_host_port(peer[0], peer[1])
+        self.absolute_form = bool(dialed and dialed.absolute_form)
+        self.proxy_headers = list(dialed.proxy_headers) if dialed else []
         self.tls: TLSStream | None = None
         self.h: h11.Connection | None = None  # the HTTP/1 client state, set by the bridge
         self.closed = False
@@ -160,7 +208,7 @@ class Upstream:
         ctx = self.connector.tls_context(alpn)
         try:
             tls = await TLSStream.handshake(
-                self.sock, ctx, server_side=False, server_hostname=server_name,
+                self._base, ctx, server_side=False, server_hostname=server_name,
                 timeout=self.connector.cfg.connect_timeout,
             )
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:

@@ -830,7 +830,7 @@ def test_man_page_has_the_reference_sections():
     for page_ref in ("mitmproxy(1)", "jq(1)", "curl(1)"):
         assert page_ref in see_also, see_also
     caveats = " ".join(macro_text(line) for line in man_section("CAVEATS"))
-    for word in ("NO_PROXY", "fetch", "not yet implemented", "raw bytes"):
+    for word in ("NO_PROXY", "fetch", "not implemented", "raw bytes"):
         assert word.lower() in caveats.lower(), word
     files = " ".join(macro_text(line) for line in man_section("FILES"))
     from dumpproxy.certs import CA_CERT_FILE, CA_FILE
@@ -838,29 +838,6 @@ def test_man_page_has_the_reference_sections():
     named = set(re.findall(r"ca-dir/([\w.-]+)", files))
     assert named == {CA_FILE, CA_CERT_FILE}, named
     assert "ca-key.pem" not in page
-
-
-def test_modes_not_implemented_are_said_so_everywhere():
-    from dumpproxy.cli import IMPLEMENTED_MODES, MODES, build_parser
-
-    planned = [m.split(":")[0] for m in MODES if m.split(":")[0] not in IMPLEMENTED_MODES]
-    assert planned
-    mode_help = next(a.help for a in build_parser()._actions if "--mode" in a.option_strings)
-    assert "not yet implemented" in mode_help and all(m in mode_help for m in planned)
-    options = " ".join(macro_text(line) for line in man_section("OPTIONS"))
-    mode_entry = options[options.index("--mode mode"):options.index("--proxyauth")]
-    assert "not yet implemented" in mode_entry
-    decision = " ".join(macro_text(line) for line in man_section("EVENTS"))
-    assert "not yet implemented" in decision[decision.index("decision Written"):][:300]
-    for path in (ZSH, FISH):
-        text = path.read_text(encoding="utf-8")
-        for mode in planned:
-            line = next(ln for ln in text.splitlines() if re.search(rf"\b{mode}\\?:", ln)
-                        or re.search(rf"^\s*'?{mode}[:\\]", ln))
-            assert "not yet implemented" in line, f"{path.name}: {line}"
-    bash = BASH.read_text(encoding="utf-8")
-    case = bash[bash.index("--mode)"):bash.index(";;", bash.index("--mode)"))]
-    assert "not yet implemented" in case
 
 
 def test_help_teaches():
