@@ -20,6 +20,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hyperframe.frame
+from h2.connection import _decode_headers  # the HPACK step h2 itself uses
+from h2.stream import StreamClosedBy
 
 from dumpproxy import headers as hdr
 from dumpproxy.context import Context
@@ -53,13 +55,32 @@ class Pending:
         self.trailers: list | None = None
 
 
+class RefusingH2Connection(h2.connection.H2Connection):
+    """The client-facing connection: a stream over our MAX_CONCURRENT_STREAMS is refused
+    on its own (RST_STREAM REFUSED_STREAM, RFC 9113 5.1.2). h2 makes it a connection error,
+    and the requests that came in the same read within the limit would be lost with it."""
+
+    def _receive_headers_frame(self, frame):  # type: ignore[override]
+        sid = frame.stream_id
+        if (sid not in self.streams and sid % 2 == 1 and sid > self.highest_inbound_stream_id
+                and self.open_inbound_streams >= self.local_settings.max_concurrent_streams):
+            _decode_headers(self.decoder, frame.data)  # HPACK state must stay in step
+            self.highest_inbound_stream_id = sid
+            self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM  # its DATA: reset too
+            refuse = hyperframe.frame.RstStreamFrame(sid)
+            refuse.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+            return [refuse], []
+        return super()._receive_headers_frame(frame)
+
+
 class Side:
     def __init__(self, name: str, stream: Stream, client_side: bool):
         self.name = name
         self.stream = stream
         cfg = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                         validate_inbound_headers=True)
-        self.conn = h2.connection.H2Connection(config=cfg)
+        conn_class = h2.connection.H2Connection if client_side else RefusingH2Connection
+        self.conn = conn_class(config=cfg)
         self.pending: dict[int, Pending] = {}
         self.peer: Side
         self.closed = False

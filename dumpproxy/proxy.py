@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import resource
 import sys
 import time
 
@@ -23,9 +24,17 @@ from dumpproxy.hostfilter import HostFilter, PatternError
 from dumpproxy.modes import Mode, make_mode
 from dumpproxy.schema import SCHEMA_VERSION, ClientDisconnect, Error, Listening, Shutdown
 from dumpproxy.streams import SocketStream
-from dumpproxy.upstream import Connector
+from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Connector
 
 SHUTDOWN_GRACE = 2.0
+FD_RESERVE = 16  # descriptors kept free: to answer a client, load a leaf, write events
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0  # no /proc: rely on the upstream connect's EMFILE answer
 
 
 class ListenError(OSError):
@@ -60,6 +69,9 @@ class Proxy:
         self.modes = [make_mode(spec, cfg) for spec in cfg.modes]
         self.servers: list[asyncio.AbstractServer] = []
         self.address = ""  #: the first listener's address (wrap mode, the stderr line)
+        self.stopping = False
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_base = _open_descriptors()  # what the process holds before any client
 
     def reload_filter(self) -> None:
         """SIGHUP: re-read pattern files; a bad file keeps the old set."""
@@ -82,13 +94,41 @@ class Proxy:
         """A new client: counted and recorded at once, served by its listener's mode in its
         own task; whatever becomes of the task (even cancelled before it ran), the client
         is closed and `client_disconnect` written, so the counters always match the events."""
+        if self.stopping:  # accepted after the listeners closed: never served, not counted
+            stream.abort()
+            return
         self._ids += 1
         self.services.stats.connections += 1
         ctx = Context(self.services, stream, self._ids, mode.connector)
         ctx.emit("client_connect")
+        if self._short_of_descriptors():
+            self._refuse(ctx, mode)
+            return
         task = asyncio.get_running_loop().create_task(self._serve(ctx, mode))
         self.tasks.add(task)
         task.add_done_callback(functools.partial(self._served, ctx))
+
+    def _short_of_descriptors(self) -> bool:
+        """Fewer than FD_RESERVE descriptors left (each client costs about two, with its
+        upstream). Counted for real only when the estimate comes near the limit."""
+        if self.fd_base + 2 * len(self.tasks) + FD_RESERVE < self.fd_limit:
+            return False
+        return _open_descriptors() + FD_RESERVE >= self.fd_limit
+
+    def _refuse(self, ctx: Context, mode: Mode) -> None:
+        """Out of descriptors: say so to the client (while we still can) and in an event,
+        instead of leaving the event loop to drop connections without a word."""
+        ctx.error("server_connect", OUT_OF_DESCRIPTORS)
+        if mode.spec.kind in ("regular", "upstream"):
+            body = OUT_OF_DESCRIPTORS.encode() + b"\n"
+            try:
+                ctx.stream.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; "
+                                 b"charset=utf-8\r\ncontent-length: %d\r\nconnection: close"
+                                 b"\r\n\r\n%s" % (len(body), body))
+            except ConnectionError:
+                pass
+        ctx.close()
+        ctx.emit("client_disconnect", ClientDisconnect(duration_ms=0.0))
 
     async def _serve(self, ctx: Context, mode: Mode) -> None:
         try:
@@ -137,14 +177,18 @@ class Proxy:
 
     async def stop(self, reason: str, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight work end (up to grace), cancel the rest."""
+        self.stopping = True
         for server in self.servers:
             server.close()
         if grace and self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=SHUTDOWN_GRACE)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while self.tasks and (left := deadline - time.monotonic()) > 0:
+            # Again each round: on Python 3.11 asyncio.wait_for can swallow a cancel that
+            # arrives as its inner future completes, and the task would run on.
+            for t in list(self.tasks):
+                t.cancel()
+            await asyncio.wait(set(self.tasks), timeout=min(left, 0.05))
         services = self.services
         stats = services.stats
         services.emit("shutdown", Shutdown(

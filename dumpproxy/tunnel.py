@@ -101,7 +101,9 @@ class Tunnel:
         """Read the client's first bytes: until classify() is complete, EOF or the timeout."""
         data = b""
         peek = classify(data)
-        deadline = time.monotonic() + self.cfg.peek_timeout
+        # No longer than the head timeout: a silent client is cut by then anyway.
+        deadline = min(time.monotonic() + self.cfg.peek_timeout,
+                       self.opened + self.cfg.head_timeout)
         while not peek.complete:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

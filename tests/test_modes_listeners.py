@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import curl
-from test_cli_docs import MODES, SHELLS, complete, names
+from test_cli_docs import CHECKOUT, MODES, SHELLS, complete, names
 
 
 def listening(p, count: int) -> list[dict]:
@@ -103,5 +103,5 @@ def test_listen_port_in_use_names_the_mode(dumpproxy, home):
 
 @pytest.mark.parametrize("shell", SHELLS)
 def test_completion_offers_modes_again(shell, tmp_path):
-    again = names(complete(shell, "dumpproxy --mode socks5@1080 --mode ", tmp_path))
+    again = names(complete(CHECKOUT, shell, "dumpproxy --mode socks5@1080 --mode ", tmp_path))
     assert MODES <= again, again
