@@ -23,7 +23,7 @@ import time
 
 from dumpproxy import socks5
 from dumpproxy.addresses import BadHost, check_host, join_host_port
-from dumpproxy.clienthello import Peek, classify
+from dumpproxy.clienthello import Peek
 from dumpproxy.config import Config
 from dumpproxy.context import Context
 from dumpproxy.flows import DEFAULT_PORTS
@@ -38,6 +38,7 @@ from dumpproxy.tunnel import (
     Tunnel,
     answer_with_error,
     client_tls_message,
+    peek_first_bytes,
     serve_connect,
 )
 from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Connector, UpstreamError, tcp_connect
@@ -47,25 +48,8 @@ TLS_HANDSHAKE = 0x16
 
 
 async def peek_client(stream: Stream, timeout: float) -> tuple[bytes, Peek]:
-    """The client's first bytes, until classify() is complete, EOF or the timeout; the
-    bytes stay unread in the stream."""
-    data = b""
-    peek = classify(data)
-    deadline = time.monotonic() + timeout
-    while not peek.complete:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            chunk = await stream.read(remaining)
-        except (StreamTimeout, ConnectionError):
-            break
-        if not chunk:
-            break
-        data += chunk
-        peek = classify(data)
-    stream.unread(data)
-    return data, peek
+    """The client's first bytes within timeout; they stay unread in the stream."""
+    return await peek_first_bytes(stream, time.monotonic() + timeout)
 
 
 def sni_name(ctx: Context, sni: str | None, address: str) -> str | None:
@@ -306,21 +290,12 @@ class ReverseTunnel(Tunnel):
         self.authority = (shown if DEFAULT_PORTS[self.scheme] == self.port
                           else join_host_port(host, self.port)).encode()
 
-    async def run(self) -> None:
-        data, peek = await self._peek()
-        decision = self.ctx.decide(
-            self.host, self.port,
-            candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni), peek.sni)
-        self.client.unread(data)
-        if not data:  # a silent client (or a server-first protocol): the head timeout holds
-            left = self.cfg.head_timeout - (time.monotonic() - self.opened)
-            await self.relay(first_timeout=max(left, 0.001))
-        elif decision.passthrough or peek.kind in ("other", "h2c"):
-            await self.relay()
-        elif peek.kind == "tls":
-            await self._tls(peek)
-        else:
-            await self._http(self.client)
+    def candidates(self, peek: Peek) -> list[str]:
+        # The Host header is the client's idea of the target's name, rewritten anyway.
+        return candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni)
+
+    async def serve_plain(self) -> None:
+        await self._http(self.client)
 
     def _target(self) -> Target:
         tls = (self.host, (HTTP1_ALPN,)) if self.scheme == "https" else None
@@ -341,7 +316,7 @@ class ReverseTunnel(Tunnel):
         finally:
             target.upstream.close()
 
-    async def _tls(self, peek: Peek) -> None:
+    async def intercept_tls(self, peek: Peek) -> None:
         ctx = self.ctx
         if peek.sni and sni_name(ctx, peek.sni, self.up.address) is None:
             return

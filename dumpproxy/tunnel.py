@@ -23,7 +23,7 @@ from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import answer_error, error_response, next_event, send
 from dumpproxy.http1_server import Connect, Target, serve_http1
 from dumpproxy.relay import Relay, RelayIdle
-from dumpproxy.streams import SocketStream, StreamTimeout, TLSStream
+from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
 from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Upstream, UpstreamError
 
 HTTP1_ALPN = "http/1.1"
@@ -87,6 +87,27 @@ async def serve_connect(ctx: Context, client: SocketStream, connect: Connect) ->
         up.close()
 
 
+async def peek_first_bytes(stream: Stream, deadline: float) -> tuple[bytes, Peek]:
+    """A client's first bytes, until classify() is complete, EOF, an error or the deadline
+    (time.monotonic()); they stay unread in the stream for TLS or the relay."""
+    data = b""
+    peek = classify(data)
+    while not peek.complete:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            chunk = await stream.read(remaining)
+        except (StreamTimeout, ConnectionError):
+            break
+        if not chunk:
+            break
+        data += chunk
+        peek = classify(data)
+    stream.unread(data)
+    return data, peek
+
+
 class Tunnel:
     def __init__(self, ctx: Context, client: SocketStream, up: Upstream, host: str, port: int):
         self.ctx = ctx
@@ -98,27 +119,12 @@ class Tunnel:
         self.opened = time.monotonic()
 
     async def _peek(self) -> tuple[bytes, Peek]:
-        """Read the client's first bytes: until classify() is complete, EOF or the timeout."""
-        data = b""
-        peek = classify(data)
         # No longer than the head timeout: a silent client is cut by then anyway.
-        deadline = min(time.monotonic() + self.cfg.peek_timeout,
-                       self.opened + self.cfg.head_timeout)
-        while not peek.complete:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                chunk = await self.client.read(remaining)
-            except StreamTimeout:
-                break
-            if not chunk:
-                break
-            data += chunk
-            peek = classify(data)
-        return data, peek
+        return await peek_first_bytes(self.client, min(
+            time.monotonic() + self.cfg.peek_timeout, self.opened + self.cfg.head_timeout))
 
     async def run(self) -> None:
+        """Peek, decide, then relay or intercept (TLS, or plaintext HTTP/1)."""
         if self.ctx.services.filter.empty:  # nothing could change the outcome: decide now
             decision = self.ctx.decide(
                 self.host, self.port, candidates(self.host, self.port, ip=self.up.ip_host), None
@@ -126,13 +132,7 @@ class Tunnel:
             data, peek = await self._peek()  # still needed: TLS or plaintext, and the SNI
         else:
             data, peek = await self._peek()
-            decision = self.ctx.decide(
-                self.host, self.port,
-                candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni,
-                           host_header=peek.host),
-                peek.sni,
-            )
-        self.client.unread(data)
+            decision = self.ctx.decide(self.host, self.port, self.candidates(peek), peek.sni)
         if not data:  # a silent client (or a server-first protocol): the head timeout holds
             left = self.cfg.head_timeout - (time.monotonic() - self.opened)
             await self.relay(first_timeout=max(left, 0.001))
@@ -141,8 +141,15 @@ class Tunnel:
         elif peek.kind == "tls":
             await self.intercept_tls(peek)
         else:
-            target = Target("http", self.host, self.port, self.up)
-            await serve_http1(self.ctx, self.client, target)
+            await self.serve_plain()
+
+    def candidates(self, peek: Peek) -> list[str]:
+        return candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni,
+                          host_header=peek.host)
+
+    async def serve_plain(self) -> None:
+        """Plaintext HTTP/1 inside the tunnel, to its fixed destination."""
+        await serve_http1(self.ctx, self.client, Target("http", self.host, self.port, self.up))
 
     async def relay(self, first_timeout: float | None = None) -> None:
         relay = Relay(self.client, self.up.stream, self.cfg.idle_timeout, first_timeout)
