@@ -320,8 +320,8 @@ class Exchange:
         self.phase = Phase.RESPONSE
         length = hdr.body_length(self.req.method, resp.status_code, rh)
         if length is not None:
-            await self._copy_body(length)
-            keep_up = resp.http_version >= b"1.1" and not hdr.has_token(
+            overran = await self._copy_body(length)
+            keep_up = not overran and resp.http_version >= b"1.1" and not hdr.has_token(
                 rh, b"connection", b"close")
         else:
             await self._h11_body(rh)
@@ -329,17 +329,19 @@ class Exchange:
         self._finish(resp.reason, rh, keep_up)
         return True
 
-    async def _copy_body(self, length: int) -> None:
+    async def _copy_body(self, length: int) -> bool:
         """A body of known length, copied from the upstream socket to the client as read.
 
         h11 would copy every chunk three times (into its buffer, out of it, into the
         output); here the bytes go straight through. h11 still sees each chunk on the
         client side (no copy) so its state stays exact; the upstream side, whose state
         would only be discarded, gets a fresh h11 connection when the exchange ends.
+        True when the origin sent more than announced (the connection is not reusable).
         """
         h, client, up, fl = self.h, self.client, self.up, self.fl
         idle = self.ctx.cfg.idle_timeout
         left = length
+        overran = False
         data, _ = up.h.trailing_data  # type: ignore[union-attr]  # body read with the head
         while left:
             if not data:
@@ -349,7 +351,7 @@ class Exchange:
                     raise UpstreamGone("connection closed before the response ended")
             if len(data) > left:  # more than announced: never reuse this connection
                 data = data[:left]
-                self._overrun = True
+                overran = True
             left -= len(data)
             if fl is not None:
                 fl.response_data(data)
@@ -359,8 +361,7 @@ class Exchange:
                 await client.drain()
             data = b""
         self._to_client(h11.EndOfMessage())
-
-    _overrun = False
+        return overran
 
     async def _h11_body(self, rh: list) -> None:
         """A chunked or close-delimited body, through h11 (trailers kept)."""
@@ -396,7 +397,7 @@ class Exchange:
             if uh.our_state is h11.DONE and uh.their_state is h11.DONE:
                 uh.start_next_cycle()
                 return
-        elif keep_up and not self._overrun:
+        elif keep_up:
             up.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
             return
         up.close()
