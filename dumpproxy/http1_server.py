@@ -129,6 +129,7 @@ async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Co
         try:
             ev = await next_event(h, client, cfg.client_idle_timeout)
         except StreamTimeout:
+            ctx.stream.mark("idle_timeout")
             if h.their_state is not h11.IDLE or h.trailing_data[0]:
                 ctx.error("http", f"no complete request head within {cfg.client_idle_timeout:g} s")
             return None

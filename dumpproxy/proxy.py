@@ -84,16 +84,21 @@ class Proxy:
 
     async def _serve(self, ctx: Context) -> None:
         ctx.emit("client_connect")
+        cancelled = False
         try:
             await serve_regular(ctx)
         except asyncio.CancelledError:
-            pass
+            cancelled = True
         except Exception as e:  # a bug must cost one connection, never the proxy
             ctx.error("internal", f"{type(e).__name__}: {e}")
-        finally:
+        try:
+            await ctx.finish(shutdown=cancelled)
+        except asyncio.CancelledError:  # shutdown while lingering
             ctx.close()
+        finally:
             ctx.emit("client_disconnect", ClientDisconnect(
-                duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
+                duration_ms=round((time.monotonic() - ctx.started) * 1000, 3),
+                how=ctx.stream.ended or "proxy_closed"))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
