@@ -451,6 +451,7 @@ class H2Bridge:
     def _goaway(self, side: Side, last_stream_id: int) -> None:
         """A graceful GOAWAY from this side."""
         side.goaway = last_stream_id
+        side.stream.mark("peer_closed")  # how the connection ends, said by the peer
         if side is self.client:
             return  # its open streams finish; the client loop ends the bridge after them
         if self.current is side:

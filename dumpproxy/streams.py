@@ -52,6 +52,9 @@ class Stream:
     def abort(self) -> None:
         self.close()
 
+    def mark(self, how: Ended) -> None:
+        """Record how the connection ends, unless an earlier cause is known."""
+
 
 def _timeout_waiter(fut: asyncio.Future) -> None:
     if not fut.done():
@@ -299,7 +302,10 @@ class TLSStream(Stream):
                 else:
                     self._in.write_eof()
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            except ssl.SSLZeroReturnError:  # close_notify: an orderly close
+                self.mark("peer_closed")
+                data = b""
+            except ssl.SSLEOFError:
                 data = b""
             except ssl.SSLError as e:  # a broken record or a fatal alert: the peer's fault
                 raise ConnectionResetError(f"TLS error: {e.reason or e}") from None
@@ -352,6 +358,9 @@ class TLSStream(Stream):
 
     def abort(self) -> None:
         self.inner.abort()
+
+    def mark(self, how: Ended) -> None:
+        self.inner.mark(how)
 
     def event(self, side: Literal["client", "server"], address: str, sni: str | None) -> Tls:
         """The `tls` event's fields for this completed handshake (both sides use this)."""

@@ -28,8 +28,9 @@ PAGE = """<!doctype html>
 <body>
 <img id="a" src="/local.svg"><img id="b" src="https://cdn.test:{port}/logo.svg">
 <script>
-const n = Number(new URLSearchParams(location.search).get("n") || 1);
-const last = Number(new URLSearchParams(location.search).get("last") || 1);
+const params = new URLSearchParams(location.search);
+const n = Number(params.get("n") || 1), last = Number(params.get("last") || 1);
+const run = params.get("run") || "";
 window.addEventListener("load", () => {{
   const imgs = [...document.images].every(i => i.complete && i.naturalWidth > 0);
   const css = getComputedStyle(document.body).marginLeft === "7px";
@@ -40,10 +41,10 @@ window.addEventListener("load", () => {{
   ws.onclose = ws.onerror = async () => {{
     if (ws.done) return;
     ws.done = true;
-    const q = `n=${{n}}&ws=${{wsok}}&lib=${{window.LIB === 1}}&app=${{window.APP === 1}}` +
-              `&imgs=${{imgs}}&css=${{css}}`;
+    const q = `run=${{run}}&n=${{n}}&ws=${{wsok}}&lib=${{window.LIB === 1}}` +
+              `&app=${{window.APP === 1}}&imgs=${{imgs}}&css=${{css}}`;
     await fetch("https://cdn.test:{port}/done?" + q, {{mode: "no-cors"}});
-    if (n < last) location.href = `/?n=${{n + 1}}&last=${{last}}`;
+    if (n < last) location.href = `/?run=${{run}}&n=${{n + 1}}&last=${{last}}`;
   }};
 }});
 </script>
