@@ -332,7 +332,7 @@ def test_origin_goaway_with_request_bodies(dumpproxy, pki, nginx_goaway, tmp_pat
 
 def node_modules() -> Path:
     path = CLIENTS_DIR / "node_modules" / "https-proxy-agent"
-    assert path.is_dir(), ("npm packages missing: run `npm ci --prefix tests/clients` "
+    assert path.is_dir(), ("npm packages missing: run `npm install --prefix tests/clients` "
                            "(.ci/run does)")
     return path
 
@@ -397,11 +397,33 @@ def spki_pin(cert: str | Path) -> str:
     return r.stdout.decode().strip()
 
 
-def chromium(proxy: DumpProxy, pki, profile: Path, url: str) -> subprocess.Popen:
+def nss_db(home: Path, *cas: tuple[str, str | Path]) -> None:
+    """Chromium's certificate store for HOME, trusting these CAs (certutil, as the README
+    shows)."""
+    db = home / ".pki" / "nssdb"
+    db.mkdir(parents=True)
+    certutil = which("certutil")
+    subprocess.run([certutil, "-d", f"sql:{db}", "-N", "--empty-password"], check=True,
+                   capture_output=True, timeout=30)
+    for name, path in cas:
+        subprocess.run([certutil, "-d", f"sql:{db}", "-A", "-t", "C,,", "-n", name, "-i",
+                        str(path)], check=True, capture_output=True, timeout=30)
+
+
+def chromium(proxy: DumpProxy, pki, profile: Path, url: str,
+             trust: str = "pin") -> subprocess.Popen:
     # Only *.test goes through the proxy; nothing else resolves (no query leaves the host).
     pac = ("function FindProxyForURL(url, host) { return dnsDomainIs(host, '.test') ? "
            f"'PROXY 127.0.0.1:{proxy.port}' : 'DIRECT'; }}")
-    pins = ",".join((spki_pin(proxy.ca), spki_pin(pki.ca_path)))
+    env = dict(os.environ)
+    if trust == "pin":
+        pins = ",".join((spki_pin(proxy.ca), spki_pin(pki.ca_path)))
+        trust_args = [f"--ignore-certificate-errors-spki-list={pins}"]
+    else:
+        home = profile.parent / "home"
+        nss_db(home, ("dumpproxy", proxy.ca), ("origin", pki.ca_path))
+        env["HOME"] = str(home)
+        trust_args = []
     return subprocess.Popen(
         [which("chromium"), "--no-sandbox", "--headless", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -409,9 +431,8 @@ def chromium(proxy: DumpProxy, pki, profile: Path, url: str) -> subprocess.Popen
          f"--user-data-dir={profile}",
          "--proxy-pac-url=data:application/x-ns-proxy-autoconfig;base64,"
          + base64.b64encode(pac.encode()).decode(),
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-         f"--ignore-certificate-errors-spki-list={pins}", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *trust_args, url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def stop_chromium(proc: subprocess.Popen) -> None:
@@ -426,16 +447,18 @@ def stop_chromium(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.mark.parametrize("action", ["intercept", "passthrough"])
-def test_chromium_five_page_loads(dumpproxy, pki, nginx, tmp_path, action):
+@pytest.mark.parametrize("action,trust", [("intercept", "pin"), ("passthrough", "pin"),
+                                          ("intercept", "nssdb")])
+def test_chromium_five_page_loads(dumpproxy, pki, nginx, tmp_path, action, trust):
     """A page with a script, a stylesheet and images from app.test and cdn.test and a
     WebSocket to app.test, loaded five times (each load navigates to the next); cdn.test
-    passed through in the second run. Chromium drops spare connections as it goes, and
-    everything when it is stopped: none of it is an error."""
+    passed through in the second run. Chromium trusts the CAs by their SPKI pins, or by
+    its NSS store. It drops spare connections as it goes, and everything when it is
+    stopped: none of it is an error."""
     args = ["--ignore-hosts", r"^cdn\.test:"] if action == "passthrough" else []
     p = start(dumpproxy, pki, *args)
     run = uuid.uuid4().hex[:12]
-    proc = chromium(p, pki, tmp_path / "profile", nginx.url(f"/?run={run}&n=1&last=5"))
+    proc = chromium(p, pki, tmp_path / "profile", nginx.url(f"/?run={run}&n=1&last=5"), trust)
     try:
         deadline = time.monotonic() + 90
         while not [line for line in nginx.access() if f"/done?run={run}&n=5&" in line]:
