@@ -32,7 +32,7 @@ SILENT_REJECT_WINDOW = 2.0
 # How long what a client showed about trusting the CA counts for its server name, and how
 # long a connection dropped mid-handshake waits for a sibling that completes one.
 TRUST_MEMORY = 60.0
-SIBLING_WAIT = 0.5
+SIBLING_WAIT = 1.0
 HTTP1_ALPN = "http/1.1"
 H2_ALPN = "h2"
 SUPPORTED_ALPN = (H2_ALPN, HTTP1_ALPN)
@@ -257,20 +257,22 @@ class Tunnel:
             await self._bridge(ctls, server_name, offered)
         finally:
             TRUST.closed(server_name, ctls)
-            self._close_tls(ctls, server_name, handshake_done)
-
-    def _close_tls(self, ctls: TLSStream, server_name: str, handshake_done: float) -> None:
-        """After the bridge: answer the client's close_notify with ours (an orderly end),
-        and tell a certificate rejected after the handshake (see ClientTrust)."""
-        ended = self.client.ended
+            ended = self.client.ended
+            if ended != "peer_reset":
+                ctls.write_eof()  # close_notify, then FIN: an orderly close
         if (ctls.bytes_in == 0 and ended in ("peer_closed", "peer_reset")
-                and time.monotonic() - handshake_done < SILENT_REJECT_WINDOW
-                and not TRUST.proven(server_name)):
+                and time.monotonic() - handshake_done < SILENT_REJECT_WINDOW):
+            await self._silent_close(server_name)
+
+    async def _silent_close(self, server_name: str) -> None:
+        """The client closed right after the handshake without a request: a rejection
+        (GnuTLS), unless a sibling connection carried requests (see ClientTrust)."""
+        if not TRUST.proven(server_name):
+            await asyncio.sleep(SIBLING_WAIT)  # a sibling may be just starting to
+        if not TRUST.proven(server_name):
             self.ctx.error("client_tls", client_tls_message(
                 None, self.ctx.services.certs.ca.cert_path, silent=True),
                 address=self.up.address)
-        if ended != "peer_reset":
-            ctls.write_eof()  # close_notify, then FIN
 
     async def _bridge(self, ctls: TLSStream, server_name: str, offered: tuple) -> None:
         ctx = self.ctx

@@ -106,7 +106,7 @@ def assert_quiet(proxy: DumpProxy, responses: int = 0, connections: int = 1) -> 
     """No `error` event; every disconnect says how it ended."""
     events = settle(proxy, responses, connections)
     errors = [e for e in events if e["event"] == "error"]
-    assert not errors, errors
+    assert not errors, [(e["stage"], e["message"], e.get("address")) for e in errors]
     for e in events:
         if e["event"] in ("client_disconnect", "server_disconnect"):
             assert e["how"] in ENDINGS, e
@@ -169,6 +169,24 @@ def test_wget_in_wrap_mode(dumpproxy, pki, nginx, tmp_path):
     assert resp["status"] == 200 and resp["url"] == nginx.url("/hello.txt")
     # the user's own wgetrc was included
     assert p.of("request")[0]["headers"]["user-agent"] == "from-the-users-wgetrc"
+
+
+def test_wrap_mode_environment_for_wget_and_node(dumpproxy, pki, tmp_path):
+    """The generated wgetrc holds the user's own first, then the bundle and the proxies
+    (later settings win); Node 24 gets NODE_USE_ENV_PROXY. Both are gone afterwards."""
+    own = tmp_path / "own-wgetrc"
+    own.write_text("tries = 3\n")
+    script = ("import os, sys; print(os.environ['NODE_USE_ENV_PROXY']); "
+              "print(os.environ['WGETRC']); sys.stdout.write(open(os.environ['WGETRC']).read())")
+    p, code = wrapped(dumpproxy, pki, sys.executable, "-c", script,
+                      env={"WGETRC": str(own)})
+    assert code == 0, p.stderr
+    flag, path, *rc = p.stderr.decode().splitlines()
+    assert flag == "1"
+    proxy = f"http://{p.address}"
+    assert rc[0] == "tries = 3" and "ca_certificate = " in rc[-4], rc
+    assert rc[-3:] == ["use_proxy = on", f"http_proxy = {proxy}", f"https_proxy = {proxy}"]
+    assert not os.path.exists(path)
 
 
 def test_wget_rejecting_the_ca_gets_the_hint(dumpproxy, pki, nginx, tmp_path):
@@ -633,6 +651,46 @@ def test_origin_reset_after_client_closed_is_no_error(dumpproxy):
     events = assert_quiet(p)
     [sd] = events_of_kind(events, "server_disconnect")
     assert sd["how"] in ("peer_reset", "peer_closed")
+
+
+def test_origin_reset_mid_tunnel_is_an_error(dumpproxy):
+    """The other side: an origin that resets while both directions are open broke the
+    tunnel."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    p = dumpproxy("--ignore-hosts", "127.0.0.1")
+    c = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
+    c.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+              .encode())
+    assert c.recv(4096).startswith(b"HTTP/1.1 200")
+    conn, _ = server.accept()
+    c.sendall(b"\x16\x03\x01 not really TLS")
+    assert conn.recv(4096)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "relay" and "reset" in err["message"], err
+    c.close()
+    server.close()
+
+
+def test_websocket_client_reset_is_no_error(dumpproxy, pki, nginx, tmp_path):
+    """A WebSocket client that resets its connection (a browser closing the page) ends it:
+    recorded on client_disconnect, not as an error."""
+    from websockets.sync.client import connect
+
+    p = start(dumpproxy, pki)
+    ctx = ssl.create_default_context(cafile=str(bundle(p, pki, tmp_path)))
+    ws = connect(nginx.url("/ws").replace("https", "wss"), proxy=p.url, ssl=ctx,
+                 open_timeout=TIMEOUT, legacy=True)
+    ws.send("hello")
+    assert ws.recv(timeout=TIMEOUT) == "hello"
+    raw = ws.socket
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # RST
+    events = assert_quiet(p, responses=1)
+    [cd] = events_of_kind(events, "client_disconnect")
+    assert cd["how"] == "peer_reset"
 
 
 # --- the event reader going away ------------------------------------------------------------
