@@ -247,11 +247,11 @@ class Tunnel:
                 ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
                           address=self.up.address)
             return
-        TRUST.handshake_done(server_name, ctls)
         ctx.emit("tls", ctls.event("client", self.up.address, peek.sni))
         if upstream_error is not None:
             await answer_with_error(ctx, ctls, upstream_error)
             return
+        TRUST.handshake_done(server_name, ctls)
         handshake_done = time.monotonic()
         try:
             await self._bridge(ctls, server_name, offered)
