@@ -296,7 +296,9 @@ class CertStore:
             path = os.path.join(self._dir, "leaf.pem")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, self._key_pem + self._leaf_pem(key[0]))
+                # the CA after the leaf: a client that pins the CA's key (Chromium's
+                # --ignore-certificate-errors-spki-list) sees it in the chain
+                os.write(fd, self._key_pem + self._leaf_pem(key[0]) + self.ca.pem)
             finally:
                 os.close(fd)
             try:

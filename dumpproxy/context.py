@@ -119,3 +119,17 @@ class Context:
         for up in list(self.upstreams):
             up.close()
         self.stream.close()
+
+    async def finish(self, shutdown: bool = False) -> None:
+        """The connection is over: close its upstreams, then the client socket without a
+        reset (FIN, wait briefly for the client's own FIN)."""
+        if shutdown:
+            self.stream.mark("shutdown")
+        for up in list(self.upstreams):
+            if shutdown:
+                up.sock.mark("shutdown")
+            up.close()
+        if shutdown:
+            self.stream.close()
+        else:
+            await self.stream.linger_close()

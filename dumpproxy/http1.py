@@ -418,8 +418,9 @@ class Exchange:
         try:
             await relay.run()
         except Exception as e:  # reset or idle: the upgraded connection is over
-            self.ctx.error("relay", f"upgraded connection ended: {e}", self.flow_id,
-                           up.address)
+            if not relay.teardown(e):  # else: recorded on the disconnect events (`how`)
+                self.ctx.error("relay", f"upgraded connection ended: {e}", self.flow_id,
+                               up.address)
         finally:
             up.close()
 

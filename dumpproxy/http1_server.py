@@ -152,6 +152,7 @@ async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Co
         try:
             ev = await next_event(h, client, cfg.head_timeout)
         except StreamTimeout:
+            ctx.stream.mark("idle_timeout")
             if h.their_state is not h11.IDLE or h.trailing_data[0]:
                 ctx.error("http", f"no complete request head within {cfg.head_timeout:g} s")
             return None

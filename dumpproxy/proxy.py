@@ -127,22 +127,31 @@ class Proxy:
                                  b"\r\n\r\n%s" % (len(body), body))
             except ConnectionError:
                 pass
+        ctx.stream.mark("proxy_closed")
         ctx.close()
-        ctx.emit("client_disconnect", ClientDisconnect(duration_ms=0.0))
+        ctx.emit("client_disconnect", ClientDisconnect(duration_ms=0.0, how="proxy_closed"))
 
     async def _serve(self, ctx: Context, mode: Mode) -> None:
+        cancelled = False
         try:
             await mode.serve(ctx)
         except asyncio.CancelledError:
-            pass
+            cancelled = True
         except Exception as e:  # a bug must cost one connection, never the proxy
             ctx.error("internal", f"{type(e).__name__}: {e}")
+        try:
+            await ctx.finish(shutdown=cancelled)  # upstreams closed, the client without a reset
+        except asyncio.CancelledError:  # shutdown while lingering
+            ctx.stream.mark("shutdown")
 
     def _served(self, ctx: Context, task: asyncio.Task) -> None:
         self.tasks.discard(task)
+        if task.cancelled():  # cancelled before it ran
+            ctx.stream.mark("shutdown")
         ctx.close()
         ctx.emit("client_disconnect", ClientDisconnect(
-            duration_ms=round((time.monotonic() - ctx.started) * 1000, 3)))
+            duration_ms=round((time.monotonic() - ctx.started) * 1000, 3),
+            how=ctx.stream.ended or "proxy_closed"))
 
     async def start(self) -> None:
         """Bind every listener (all or none), then write one `listening` per listener."""

@@ -27,8 +27,29 @@ class Relay:
         self.to_server = 0
         self.to_client = 0
         self._last = time.monotonic()
+        self.reset_by: str | None = None  # "client" or "server": who reset the connection
+        self.half_closed = False  # one direction had ended (EOF) before any reset
+
+    def teardown(self, e: BaseException) -> bool:
+        """Was this failure part of an orderly end, not something to report? A client
+        that resets (a browser closing its page) ends its own connection; a server that
+        resets after one direction already ended is tearing down too."""
+        if not isinstance(e, (ConnectionError, OSError)) or isinstance(e, TimeoutError):
+            return False
+        return self.reset_by == "client" or self.half_closed
 
     async def _pump(self, src: Stream, dst: Stream, upstream: bool) -> None:
+        try:
+            await self._copy(src, dst, upstream)
+        except (ConnectionError, OSError) as e:
+            if self.reset_by is None:  # a failed read names the source, a failed write
+                # the destination
+                self.reset_by = getattr(e, "_relay_side", None) or (
+                    "client" if upstream else "server")
+            raise
+
+    async def _copy(self, src: Stream, dst: Stream, upstream: bool) -> None:
+        dst_name = "server" if upstream else "client"
         while True:
             try:
                 data = await src.read(self._limit)
@@ -38,6 +59,7 @@ class Relay:
                     raise RelayIdle(f"no data either way for {self._limit:g} s") from None
                 continue
             if not data:
+                self.half_closed = True
                 dst.write_eof()
                 return
             self._last = time.monotonic()
@@ -46,8 +68,12 @@ class Relay:
                 self.to_server += len(data)
             else:
                 self.to_client += len(data)
-            dst.write(data)
-            await dst.drain()
+            try:
+                dst.write(data)
+                await dst.drain()
+            except (ConnectionError, OSError) as e:
+                e._relay_side = dst_name  # type: ignore[attr-defined]
+                raise
 
     async def run(self) -> None:
         """Returns when both directions ended; raises on reset or idle (both sides aborted)."""
@@ -59,10 +85,14 @@ class Relay:
                 if t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
             await asyncio.gather(up, down)
-        except BaseException:
+        except BaseException as e:
             up.cancel()
             down.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
-            self.client.abort()
-            self.server.abort()
+            if self.teardown(e):  # the other side gets an orderly close, not a reset
+                self.client.close()
+                self.server.close()
+            else:
+                self.client.abort()
+                self.server.abort()
             raise

@@ -7,10 +7,14 @@ import gc
 import ipaddress
 import os
 import resource
+import select
 import signal
 import ssl
+import stat
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 
 from dumpproxy.addresses import join_host_port, strip_brackets
 from dumpproxy.certs import CA, CertStore
@@ -59,16 +63,70 @@ def write_bundle(ca: CA) -> str:
     return path
 
 
-def wrap_env(proxy_url: str | None, bundle: str) -> dict[str, str]:
-    """CMD's environment: the proxy variables (when there is an HTTP proxy listener) and
-    the CA bundle variables."""
+def write_wgetrc(proxy_url: str | None, bundle: str) -> str:
+    """A wgetrc for the child: the user's own (WGETRC, else ~/.wgetrc; wgetrc has no
+    include) and, after it so that they win, the bundle and the proxies. wget built with
+    GnuTLS (Debian's) reads no CA variable, only its ca_certificate setting."""
+    own = os.environ.get("WGETRC") or os.path.expanduser("~/.wgetrc")
+    text = b""
+    try:
+        with open(own, "rb") as f:
+            text = f.read().rstrip(b"\n") + b"\n"
+    except OSError:
+        pass
+    ours = f"# dumpproxy wrap mode\nca_certificate = {bundle}\n"
+    if proxy_url is not None:
+        ours += f"use_proxy = on\nhttp_proxy = {proxy_url}\nhttps_proxy = {proxy_url}\n"
+    fd, path = tempfile.mkstemp(prefix="dumpproxy-wgetrc-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(text + ours.encode())
+    return path
+
+
+def wrap_env(proxy_url: str | None, bundle: str, wgetrc: str | None = None) -> dict[str, str]:
+    """CMD's environment: the proxy variables (when there is an HTTP proxy listener), the
+    CA bundle variables, and what wget and Node need besides."""
     env = dict(os.environ)
     for name in ("HTTP_PROXY", "HTTPS_PROXY"):
         if proxy_url is not None:
             env[name] = env[name.lower()] = proxy_url
     for name in CA_ENV:
         env[name] = bundle
+    env["NODE_USE_ENV_PROXY"] = "1"  # Node >= 24 (and 22.21): fetch and https use the proxy
+    if wgetrc is not None:
+        env["WGETRC"] = wgetrc
     return env
+
+
+def watch_output(fd: int, on_gone: Callable[[], None]) -> None:
+    """Notice at once when the reader of a pipe or socket goes away, also while no event
+    is written: poll(2) reports POLLERR (pipe) or POLLHUP (socket) on our end. A thread
+    waits in poll, so the descriptor's flags stay as the writer set them."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or not hasattr(select, "poll"):
+        return
+    loop = asyncio.get_running_loop()
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR, POLLHUP and POLLNVAL are always reported
+        try:
+            while True:
+                events = poller.poll()
+                if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+                       for _, ev in events):
+                    break
+        except OSError:
+            return
+        try:
+            loop.call_soon_threadsafe(on_gone)
+        except RuntimeError:  # the loop is already closed: nothing left to stop
+            pass
+
+    threading.Thread(target=wait, name="dumpproxy-output-watch", daemon=True).start()
 
 
 def _status(returncode: int) -> int:
@@ -134,6 +192,12 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
 
     writer = EventWriter(fd, cfg.format, on_broken=lambda: trigger(REASON_OUTPUT_CLOSED),
                          on_failed=output_failed)
+
+    def output_gone() -> None:
+        writer.broken = True  # nothing more can be written: the reader is gone
+        trigger(REASON_OUTPUT_CLOSED)
+
+    watch_output(fd, output_gone)
     certs = CertStore(ca)
     proxy = Proxy(cfg, writer, hf, certs)
 
@@ -204,12 +268,14 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         return EXIT_RUNTIME if writer.failure is not None else EXIT_OK
 
     bundle = write_bundle(ca)
+    wgetrc = None
     try:
         # the first regular or upstream listener, if any (other modes: CMD names the
         # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
         http_proxy = next((f"http://{m.address}" for m in proxy.modes
                            if m.spec.kind in ("regular", "upstream")), None)
-        env = wrap_env(http_proxy, bundle)
+        wgetrc = write_wgetrc(http_proxy, bundle)
+        env = wrap_env(http_proxy, bundle, wgetrc)
         note = no_proxy_note(env)
         if note and cfg.verbosity >= 0:
             print(note, file=sys.stderr)
@@ -236,6 +302,8 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         return EXIT_RUNTIME if writer.failure is not None else _status(code)
     finally:
         os.unlink(bundle)
+        if wgetrc is not None:
+            os.unlink(wgetrc)
 
 
 def _forward_signal(child: asyncio.subprocess.Process, sig: int) -> None:

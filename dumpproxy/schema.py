@@ -37,6 +37,15 @@ Stage = Literal[
 ]
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 
+Ended = Literal[
+    "peer_closed",  # the peer closed it (FIN, TLS close_notify, HTTP/2 GOAWAY): orderly
+    "peer_reset",  # the peer reset it or it was lost (RST, broken pipe)
+    "proxy_closed",  # dumpproxy closed it: the exchange or tunnel was over, or it failed
+    "idle_timeout",  # dumpproxy closed it after the idle timeout
+    "shutdown",  # dumpproxy closed it while shutting down
+]
+ENDED: tuple[str, ...] = typing.get_args(Ended)
+
 Ms = Annotated[float, "milliseconds, 3 decimals"]
 Address = Annotated[str, "host:port, IPv6 bracketed"]
 Headers = Annotated[dict[str, str], "lower-case names; repeats joined"]
@@ -62,6 +71,7 @@ class ClientDisconnect(TypedDict):
     """A client connection was closed."""
 
     duration_ms: Ms
+    how: Annotated[Ended, "how it ended (who closed it, and how)"]
 
 
 class _ServerConnectHead(TypedDict):
@@ -83,6 +93,7 @@ class ServerDisconnect(TypedDict):
     ip: Address
     bytes_sent: int
     bytes_received: int
+    how: Annotated[Ended, "how it ended (who closed it, and how)"]
 
 
 class Decision(TypedDict):

@@ -14,13 +14,14 @@ import ssl
 from collections import deque
 from typing import Literal
 
-from dumpproxy.schema import Tls
+from dumpproxy.schema import Ended, Tls
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024  # pause reading from a socket whose data nobody consumes
 TLS_READ_MAX = 256 * 1024  # gather decrypted records up to this much per read()
 TLS_RECORD = 16384  # one record's plaintext at most: a read of this size never over-allocates
 WRITE_HIGH_WATER = 512 * 1024
+LINGER = 2.0  # an orderly close waits this long for the peer's own close (no reset)
 
 
 class StreamTimeout(Exception):
@@ -51,6 +52,9 @@ class Stream:
     def abort(self) -> None:
         self.close()
 
+    def mark(self, how: Ended) -> None:
+        """Record how the connection ends, unless an earlier cause is known."""
+
 
 def _timeout_waiter(fut: asyncio.Future) -> None:
     if not fut.done():
@@ -72,6 +76,12 @@ class SocketStream(asyncio.Protocol, Stream):
         self.peername: tuple | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.ended: Ended | None = None  # how the connection ended: the first cause wins
+
+    def mark(self, how: Ended) -> None:
+        """Record how the connection ends, unless an earlier cause is known."""
+        if self.ended is None:
+            self.ended = how
 
     # -- protocol callbacks --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,11 +106,13 @@ class SocketStream(asyncio.Protocol, Stream):
         self._wake_reader()
 
     def eof_received(self) -> bool:
+        self.mark("peer_closed")
         self._eof = True
         self._wake_reader()
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.mark("peer_reset" if exc is not None else "peer_closed")
         self._lost = True
         self._eof = True
         if exc is not None and self._exc is None:
@@ -182,12 +194,42 @@ class SocketStream(asyncio.Protocol, Stream):
                 pass
 
     def close(self) -> None:
+        self.mark("proxy_closed")
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self.mark("proxy_closed")
         if self.transport is not None:
             self.transport.abort()
+
+    async def linger_close(self, timeout: float = LINGER) -> None:
+        """Close without a reset: send FIN, read (and drop) until the peer's FIN or the
+        timeout, then close. Data arriving after close(2) makes the kernel answer with a
+        reset, which a client that is closing normally (Node's http2 client sends GOAWAY,
+        close_notify and FIN) reports as ECONNRESET."""
+        t = self.transport
+        if t is None or self._lost or t.is_closing():
+            self.close()
+            return
+        self.mark("proxy_closed")
+        self.write_eof()
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while not self._eof:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                self._chunks.clear()
+                self._buffered = 0
+                if self._read_paused:
+                    self._read_paused = False
+                    t.resume_reading()
+                await self.read(remaining)
+        except (StreamTimeout, ConnectionError, OSError):
+            pass
+        finally:
+            self.close()
 
 
 class TLSStream(Stream):
@@ -201,6 +243,7 @@ class TLSStream(Stream):
         self._out = outgoing
         self._closed_tls = False
         self._pending: deque[bytes] = deque()
+        self.bytes_in = 0  # plaintext received (the peer's application data)
 
     @classmethod
     async def handshake(cls, inner: Stream, ctx: ssl.SSLContext, server_side: bool,
@@ -259,7 +302,10 @@ class TLSStream(Stream):
                 else:
                     self._in.write_eof()
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            except ssl.SSLZeroReturnError:  # close_notify: an orderly close
+                self.mark("peer_closed")
+                data = b""
+            except ssl.SSLEOFError:
                 data = b""
             except ssl.SSLError as e:  # a broken record or a fatal alert: the peer's fault
                 raise ConnectionResetError(f"TLS error: {e.reason or e}") from None
@@ -271,6 +317,7 @@ class TLSStream(Stream):
                 break
         if not parts:
             return b""
+        self.bytes_in += size
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def unread(self, data: bytes) -> None:
@@ -311,6 +358,24 @@ class TLSStream(Stream):
 
     def abort(self) -> None:
         self.inner.abort()
+
+    @property
+    def ended(self) -> Ended | None:
+        """How the connection under the TLS ended (TLS over TLS: the outermost says)."""
+        return getattr(self.inner, "ended", None)
+
+    async def linger_close(self, timeout: float = LINGER) -> None:
+        """close_notify (unless the peer reset), then the socket's orderly close."""
+        if self.ended != "peer_reset":
+            self.write_eof()
+        linger = getattr(self.inner, "linger_close", None)
+        if linger is not None:
+            await linger(timeout)
+        else:
+            self.inner.close()
+
+    def mark(self, how: Ended) -> None:
+        self.inner.mark(how)
 
     def event(self, side: Literal["client", "server"], address: str, sni: str | None) -> Tls:
         """The `tls` event's fields for this completed handshake (both sides use this)."""

@@ -26,18 +26,85 @@ from dumpproxy.relay import Relay, RelayIdle
 from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
 from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Upstream, UpstreamError
 
+# A client that closes this soon after the handshake, having sent nothing, may have
+# rejected the certificate: GnuTLS clients (wget, git) check it only once the handshake is
+# done, and then close without an alert.
+SILENT_REJECT_WINDOW = 2.0
+# How long what a client showed about trusting the CA counts for its server name, and how
+# long a connection dropped mid-handshake waits for a sibling that completes one.
+TRUST_MEMORY = 60.0
+SIBLING_WAIT = 1.0
 HTTP1_ALPN = "http/1.1"
 H2_ALPN = "h2"
 SUPPORTED_ALPN = (H2_ALPN, HTTP1_ALPN)
 
 
-def client_tls_message(e: BaseException, ca_path: str) -> str:
+class ClientTrust:
+    """What recent client connections showed about trusting the CA, per server name.
+
+    A connection that ends without an alert, mid-handshake (Node rejects that way) or
+    right after it without a request (GnuTLS clients do), is either a rejection or a
+    browser's spare connection, dropped once a sibling connection to the same name is up.
+    The sibling tells them apart: a handshake with the same name completed (mid-handshake
+    drops), or a connection to it carried requests (drops after the handshake)."""
+
+    def __init__(self) -> None:
+        self._handshakes: dict[str, float] = {}  # name -> last completed handshake
+        self._proven: dict[str, float] = {}  # name -> last connection that carried data
+        self._live: dict[str, set[TLSStream]] = {}
+
+    def _prune(self, table: dict[str, float], now: float) -> None:
+        if len(table) > 4096:
+            for name in [n for n, t in table.items() if now - t > TRUST_MEMORY]:
+                del table[name]
+
+    def handshake_done(self, name: str, ctls: TLSStream) -> None:
+        now = time.monotonic()
+        self._prune(self._handshakes, now)
+        self._handshakes[name] = now
+        self._live.setdefault(name, set()).add(ctls)
+
+    def closed(self, name: str, ctls: TLSStream) -> None:
+        live = self._live.get(name)
+        if live is not None:
+            live.discard(ctls)
+            if not live:
+                del self._live[name]
+        if ctls.bytes_in:
+            now = time.monotonic()
+            self._prune(self._proven, now)
+            self._proven[name] = now
+
+    def handshaken(self, name: str) -> bool:
+        return time.monotonic() - self._handshakes.get(name, -TRUST_MEMORY) < TRUST_MEMORY
+
+    def proven(self, name: str) -> bool:
+        if any(s.bytes_in for s in self._live.get(name, ())):
+            return True
+        return time.monotonic() - self._proven.get(name, -TRUST_MEMORY) < TRUST_MEMORY
+
+
+TRUST = ClientTrust()  # one per process, like the proxy
+
+
+def client_dropped(e: BaseException) -> bool:
+    """The client ended the connection mid-handshake without an alert (EOF or reset)."""
+    if isinstance(e, (ssl.SSLEOFError, ConnectionError)):
+        return True
+    return isinstance(e, ssl.SSLError) and e.reason == "UNEXPECTED_EOF_WHILE_READING"
+
+
+def client_tls_message(e: BaseException | None, ca_path: str, silent: bool = False) -> str:
     what = getattr(e, "reason", None) or str(e) or type(e).__name__
     hint = (
         f"trust the dumpproxy CA ({ca_path}; `dumpproxy --print-ca` prints it): "
         "curl --cacert FILE, SSL_CERT_FILE / REQUESTS_CA_BUNDLE for Python, "
         "NODE_EXTRA_CA_CERTS for Node, or add it to the system store"
     )
+    if silent:
+        return ("the client closed the connection right after the TLS handshake without a "
+                "request; if it rejected the certificate (GnuTLS clients such as wget and git "
+                f"do that without an alert: wget --ca-certificate FILE, GIT_SSL_CAINFO), {hint}")
     if isinstance(e, ssl.SSLError) and any(
         k in what.upper() for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
                                     "DECRYPT_ERROR", "ACCESS_DENIED")
@@ -162,8 +229,9 @@ class Tunnel:
             self.ctx.error("relay", f"tunnel to {self.up.address} closed: {why}",
                            address=self.up.address)
         except (ConnectionError, OSError) as e:
-            self.ctx.error("relay", f"tunnel to {self.up.address} reset: {e}",
-                          address=self.up.address)
+            if not relay.teardown(e):  # else: recorded on the disconnect events (`how`)
+                self.ctx.error("relay", f"tunnel to {self.up.address} reset: {e}",
+                              address=self.up.address)
         except Exception as e:
             self.ctx.error("relay", f"tunnel to {self.up.address} closed: {e}",
                           address=self.up.address)
@@ -206,14 +274,43 @@ class Tunnel:
             ctls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
                                              timeout=cfg.peek_timeout)
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
-            ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
-                      address=self.up.address)
             self.up.close()
+            if client_dropped(e) and not TRUST.handshaken(server_name):
+                await asyncio.sleep(SIBLING_WAIT)  # a sibling may be just completing
+            if not client_dropped(e) or not TRUST.handshaken(server_name):
+                # else a spare connection: client_disconnect says how it ended
+                ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
+                          address=self.up.address)
             return
         ctx.emit("tls", ctls.event("client", self.up.address, peek.sni))
         if upstream_error is not None:
             await answer_with_error(ctx, ctls, upstream_error)
             return
+        TRUST.handshake_done(server_name, ctls)
+        handshake_done = time.monotonic()
+        try:
+            await self._bridge(ctls, server_name, offered)
+        finally:
+            TRUST.closed(server_name, ctls)
+            ended = self.client.ended
+            if ended != "peer_reset":
+                ctls.write_eof()  # close_notify, then FIN: an orderly close
+        if (ctls.bytes_in == 0 and ended in ("peer_closed", "peer_reset")
+                and time.monotonic() - handshake_done < SILENT_REJECT_WINDOW):
+            await self._silent_close(server_name)
+
+    async def _silent_close(self, server_name: str) -> None:
+        """The client closed right after the handshake without a request: a rejection
+        (GnuTLS), unless a sibling connection carried requests (see ClientTrust)."""
+        if not TRUST.proven(server_name):
+            await asyncio.sleep(SIBLING_WAIT)  # a sibling may be just starting to
+        if not TRUST.proven(server_name):
+            self.ctx.error("client_tls", client_tls_message(
+                None, self.ctx.services.certs.ca.cert_path, silent=True),
+                address=self.up.address)
+
+    async def _bridge(self, ctls: TLSStream, server_name: str, offered: tuple) -> None:
+        ctx = self.ctx
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
 

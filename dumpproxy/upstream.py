@@ -227,9 +227,11 @@ class Upstream:
         if self.closed:
             return
         self.closed = True
+        if self.tls is not None and self.sock.ended is None:
+            self.tls.write_eof()  # close_notify before FIN: an orderly TLS close
         self.sock.close()
         if self._on_close is not None:
             self._on_close(self)
         self.emit("server_disconnect", ServerDisconnect(
             address=self.address, ip=self.ip, bytes_sent=self.sock.bytes_out,
-            bytes_received=self.sock.bytes_in))
+            bytes_received=self.sock.bytes_in, how=self.sock.ended or "proxy_closed"))

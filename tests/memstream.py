@@ -37,6 +37,15 @@ class MemStream(Stream):
         self._eof = False  # nothing more will arrive
         self._exc: BaseException | None = None  # the reset a read reports after the data
         self._waiter: asyncio.Future | None = None
+        self.ended: str | None = None  #: how the connection ended, as SocketStream says
+
+    def mark(self, how) -> None:  # type: ignore[override]
+        if self.ended is None:
+            self.ended = how
+
+    async def linger_close(self, timeout: float = 0.0) -> None:
+        self.mark("proxy_closed")
+        self.close()
 
     # -- delivery from the peer --
     def _deliver(self, data: bytes) -> None:

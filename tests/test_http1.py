@@ -36,8 +36,8 @@ KEYS = {
                 "http_version", "headers"],
     "response": [*COMMON, "flow", "method", "url", "http_version", "status", "reason",
                  "headers", "request_bytes", "response_bytes", "duration_ms"],
-    "server_disconnect": [*COMMON, "address", "ip", "bytes_sent", "bytes_received"],
-    "client_disconnect": [*COMMON, "duration_ms"],
+    "server_disconnect": [*COMMON, "address", "ip", "bytes_sent", "bytes_received", "how"],
+    "client_disconnect": [*COMMON, "duration_ms", "how"],
 }
 BIG = 200 * 1024 * 1024
 RSS_LIMIT_KB = 100 * 1024

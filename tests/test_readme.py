@@ -214,18 +214,25 @@ def install_commands() -> list[str]:
 
 def test_example_install():
     install_run, install_test = install_commands()
-    assert install_run == "python3 -m pip install . && dumpproxy -p 8080"
+    # a venv: Debian's and Ubuntu's Python refuse system-wide pip, and a regular (not
+    # editable) install puts the man page where `man dumpproxy` finds it (the venv's bin
+    # on PATH)
+    assert install_run == ("python3 -m venv .venv && . .venv/bin/activate && pip install . "
+                           "&& dumpproxy -p 8080")
     parts = [p.strip() for p in install_test.split("&&")]
     assert parts[0] == "apt-get update"
     assert parts[1].startswith("apt-get install -y ")
-    assert parts[2:] == ["python3 -m pip install -e '.[test]'", TEST_COMMAND]
+    assert parts[2:] == ["python3 -m venv .venv", ". .venv/bin/activate",
+                         "pip install '.[test]'", "npm install --prefix tests/clients",
+                         TEST_COMMAND]
     # what they name exists: the package with its console script and test extra, the
     # packages the tests use, the same list CI installs
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dumpproxy = "dumpproxy.cli:main"' in pyproject
     assert re.search(r"^test = \[", pyproject, re.M)
     packages = set(parts[1].split()[3:])
-    assert {"curl", "jq", "util-linux", "iproute2"} <= packages
+    assert {"curl", "jq", "util-linux", "python3-venv", "nginx", "chromium", "libnss3-tools",
+            "npm", "wget", "git"} <= packages
     ci = re.search(r"^apt-get install -y -qq (.*?)(?: >|$)", CI_RUN.read_text(), re.M)
     assert ci and set(ci.group(1).split()) == packages
     # the install block is the first thing in the README
