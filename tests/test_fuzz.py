@@ -40,10 +40,12 @@ import socket
 import ssl
 import string
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import hpack
 import pytest
@@ -332,6 +334,13 @@ def test_split_host_port_any_text(text: str, default: int | None) -> None:
 
 # --- pure parsers: hostfilter -----------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    """One directory for the pattern files of every example (each overwrites its file)."""
+    with tempfile.TemporaryDirectory(prefix="dumpproxy-fuzz-") as d:
+        yield Path(d)
+
+
 PATTERN_TEXT = st.one_of(
     st.text(max_size=30),
     st.text(alphabet="()[]{}|*+?.^$\\-:,0123456789aAbB#PN<>=!", max_size=25),
@@ -360,8 +369,8 @@ def test_pattern_lines_raise_only_pattern_error(lines: list[str]) -> None:
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @fuzz(200)
 @given(st.binary(max_size=200))
-def test_pattern_file_any_bytes(tmp_path_factory, raw: bytes) -> None:
-    path = tmp_path_factory.mktemp("pat") / "p.txt"
+def test_pattern_file_any_bytes(scratch: Path, raw: bytes) -> None:
+    path = scratch / "any.txt"
     path.write_bytes(raw)
     assume(not re.search(rb"\{\d{10,}|\({500}", raw))  # as above
     try:
@@ -382,7 +391,7 @@ VALID_PATTERN = st.one_of(
 @given(st.lists(VALID_PATTERN, max_size=10),
        st.lists(st.sampled_from(["", "   ", "# a comment", "\t"]), max_size=4),
        st.sampled_from(["\n", "\r\n", "\r"]), st.booleans())
-def test_pattern_file_with_valid_patterns_loads(tmp_path_factory, patterns, extras, newline,
+def test_pattern_file_with_valid_patterns_loads(scratch: Path, patterns, extras, newline,
                                                 bom) -> None:
     """Valid patterns with blank and comment lines, any newline convention, BOM or not:
     every pattern loads, in order, with its physical line number."""
@@ -395,7 +404,7 @@ def test_pattern_file_with_valid_patterns_loads(tmp_path_factory, patterns, extr
         lines.append(f"  {p}  ")
         if p:
             expected.append((p, len(lines)))
-    path = tmp_path_factory.mktemp("pat") / "ok.txt"
+    path = scratch / "ok.txt"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + newline.join(lines).encode())
     got = read_pattern_file(str(path))
     assert [(p.text, p.source) for p in got] == [(t, f"{path}:{n}") for t, n in expected]
