@@ -86,6 +86,10 @@ def _compile(text: str) -> re.Pattern:
     return re.compile(text, re.IGNORECASE)
 
 
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
 @functools.lru_cache(maxsize=65536)
 def _compile_matcher(text: str) -> regex.Pattern:
     return regex.compile(text, _FLAGS)
@@ -96,12 +100,16 @@ def compile_pattern(text: str, source: str) -> Pattern:
         checked = _compile(text)
     except re.error as e:
         raise PatternError(f"{source}: invalid pattern {text!r}: {e}") from None
+    except (OverflowError, RecursionError) as e:  # beyond what re can compile
+        raise PatternError(f"{source}: invalid pattern {_shown(text)}: too large or too "
+                           f"deeply nested ({type(e).__name__}: {e})") from None
     slow = None
     if _may_backtrack(text):
         try:
             slow = _compile_matcher(text)
-        except regex.error as e:  # valid for re, yet not for its interruptible twin
-            raise PatternError(f"{source}: pattern {text!r} is not supported: {e}") from None
+        except (regex.error, OverflowError, RecursionError) as e:  # valid for re, not regex
+            raise PatternError(f"{source}: pattern {_shown(text)} is not supported: {e}") \
+                from None
     return Pattern(text, source, checked, slow)
 
 
