@@ -134,7 +134,13 @@ def _sni(b: bytes, start: int, end: int) -> str | None:
         return None
     if not _SNI_CHARS.fullmatch(name):  # empty or non-ascii: a broken hello
         raise ValueError("invalid server_name")
-    return name.decode("ascii").lower()
+    text = name.decode("ascii").lower()
+    # A host name never has a port (RFC 6066 3), yet some clients send `name:port` (hey's
+    # Go TLS config through a proxy): the name they mean is the part before it.
+    host, colon, port = text.rpartition(":")
+    if colon and host and port.isdigit() and ":" not in host:
+        return host
+    return text
 
 
 def _alpn(b: bytes, start: int, end: int) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from dumpproxy.tunnel import (
     client_tls_message,
     peek_first_bytes,
     serve_connect,
+    usable_sni,
 )
 from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Connector, UpstreamError, tcp_connect
 from dumpproxy.viaproxy import ProxyConnector
@@ -50,16 +51,6 @@ TLS_HANDSHAKE = 0x16
 async def peek_client(stream: Stream, timeout: float) -> tuple[bytes, Peek]:
     """The client's first bytes within timeout; they stay unread in the stream."""
     return await peek_first_bytes(stream, time.monotonic() + timeout)
-
-
-def sni_name(ctx: Context, sni: str | None, address: str) -> str | None:
-    """The client's SNI if it is a usable host name (an error event otherwise)."""
-    if sni:
-        try:
-            return check_host(sni)
-        except BadHost as e:
-            ctx.error("client_tls", f"the client's TLS server name (SNI): {e}", address=address)
-    return None
 
 
 def server_context(ctx: Context, name: str, alpn: tuple[str, ...], address: str):
@@ -110,7 +101,7 @@ class RegularMode(Mode):
         if first[0] != TLS_HANDSHAKE:
             return client
         _, peek = await peek_client(client, ctx.cfg.peek_timeout)
-        if peek.sni and sni_name(ctx, peek.sni, self.address) is None:
+        if not usable_sni(ctx, peek.sni, self.address):
             return None
         local = client.transport.get_extra_info("sockname") if client.transport else None
         name = peek.sni or (local[0] if local else self.spec.listen_host or "127.0.0.1")
@@ -318,7 +309,7 @@ class ReverseTunnel(Tunnel):
 
     async def intercept_tls(self, peek: Peek) -> None:
         ctx = self.ctx
-        if peek.sni and sni_name(ctx, peek.sni, self.up.address) is None:
+        if not usable_sni(ctx, peek.sni, self.up.address):
             return
         offered = peek.alpn
         chosen = None

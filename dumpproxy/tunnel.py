@@ -175,6 +175,18 @@ async def peek_first_bytes(stream: Stream, deadline: float) -> tuple[bytes, Peek
     return data, peek
 
 
+def usable_sni(ctx: Context, sni: str | None, address: str) -> bool:
+    """False (and an error event) when the client's SNI cannot name a host: no leaf
+    certificate or upstream TLS can be made for it."""
+    if sni:
+        try:
+            check_host(sni)
+        except BadHost as e:
+            ctx.error("client_tls", f"the client's TLS server name (SNI): {e}", address=address)
+            return False
+    return True
+
+
 class Tunnel:
     def __init__(self, ctx: Context, client: SocketStream, up: Upstream, host: str, port: int):
         self.ctx = ctx
@@ -240,13 +252,8 @@ class Tunnel:
 
     async def intercept_tls(self, peek: Peek) -> None:
         ctx, cfg = self.ctx, self.cfg
-        if peek.sni:
-            try:
-                check_host(peek.sni)
-            except BadHost as e:
-                ctx.error("client_tls", f"the client's TLS server name (SNI): {e}",
-                          address=self.up.address)
-                return
+        if not usable_sni(ctx, peek.sni, self.up.address):
+            return
         server_name = peek.sni or self.host
         offered = peek.alpn
         # ALPN is settled upstream first, so that both sides speak the same protocol.

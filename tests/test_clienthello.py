@@ -169,6 +169,17 @@ def test_synthetic_hello():
     assert classify(data).sni == "b.test"
 
 
+@pytest.mark.parametrize("sent, meant", [
+    (b"127.0.0.1:18443", "127.0.0.1"),  # hey, through a proxy: Go's ServerName with a port
+    (b"App.Test:443", "app.test"),
+    (b"app.test:", "app.test:"),  # no port digits: left as sent (and refused as a name)
+    (b"a:b:443", "a:b:443"),  # more than one colon: not a name with a port
+])
+def test_sni_with_a_port_names_the_host(sent, meant):
+    """A host name has no port (RFC 6066 3); a client that appends one means the name."""
+    assert classify(synth_hello(sni_ext(sent))).sni == meant
+
+
 @pytest.mark.parametrize(
     "ext",
     [

@@ -184,6 +184,20 @@ def test_httpx_through_proxy(dumpproxy, tls_origin, pki):
     assert resp["url"] == f"https://localhost:{tls_origin.port}/echo?x=1"
 
 
+def test_hey_through_proxy_whose_sni_carries_the_port(dumpproxy, tls_origin, pki):
+    """hey (the shared benchmark's load generator) sends `host:port` as its SNI through a
+    proxy: the name before the port is used, for the certificate and upstream."""
+    dp = dumpproxy("--upstream-ca", str(pki.ca_path))
+    r = subprocess.run(["hey", "-n", "20", "-c", "2", "-x", dp.url,
+                        f"https://localhost:{tls_origin.port}/small"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "[200]\t20 responses" in r.stdout, r.stdout
+    dp.wait_for(lambda e: e["event"] == "response", count=20)
+    assert not dp.of("error")
+    assert {e["sni"] for e in dp.of("tls", side="client")} == {"localhost"}
+
+
 def test_http_client_set_tunnel(dumpproxy, tls_origin, pki):
     dp = dumpproxy("--upstream-ca", str(pki.ca_path))
     ctx = ssl.create_default_context(cafile=str(ca_cert_path(dp)))
