@@ -15,7 +15,6 @@ for the explicit proxy's plain HTTP, `http1_server.serve_http1`.
 
 from __future__ import annotations
 
-import errno
 import socket
 import ssl
 import struct
@@ -34,15 +33,15 @@ from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
 from dumpproxy.tunnel import (
     H2_ALPN,
     HTTP1_ALPN,
-    SUPPORTED_ALPN,
     Tunnel,
     answer_with_error,
     client_tls_message,
+    leaf_context,
     peek_first_bytes,
     serve_connect,
     usable_sni,
 )
-from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Connector, UpstreamError, tcp_connect
+from dumpproxy.upstream import Connector, UpstreamError, tcp_connect
 from dumpproxy.viaproxy import ProxyConnector
 
 TLS_HANDSHAKE = 0x16
@@ -51,16 +50,6 @@ TLS_HANDSHAKE = 0x16
 async def peek_client(stream: Stream, timeout: float) -> tuple[bytes, Peek]:
     """The client's first bytes within timeout; they stay unread in the stream."""
     return await peek_first_bytes(stream, time.monotonic() + timeout)
-
-
-def server_context(ctx: Context, name: str, alpn: tuple[str, ...], address: str):
-    """The dumpproxy CA's leaf for name, or None (and an error event) without one."""
-    try:
-        return ctx.services.certs.server_context(name, alpn)
-    except OSError as e:  # loading the leaf needs a descriptor, like everything else
-        why = OUT_OF_DESCRIPTORS if e.errno in (errno.EMFILE, errno.ENFILE) else e
-        ctx.error("client_tls", f"no certificate for {name}: {why}", address=address)
-        return None
 
 
 class Mode:
@@ -107,7 +96,7 @@ class RegularMode(Mode):
         name = peek.sni or (local[0] if local else self.spec.listen_host or "127.0.0.1")
         certs = ctx.services.certs
         alpn = (HTTP1_ALPN,) if HTTP1_ALPN in peek.alpn else ()
-        server_ctx = server_context(ctx, name, alpn, self.address)
+        server_ctx = leaf_context(ctx, name, alpn, self.address)
         if server_ctx is None:
             return None
         try:
@@ -307,42 +296,19 @@ class ReverseTunnel(Tunnel):
         finally:
             target.upstream.close()
 
-    async def intercept_tls(self, peek: Peek) -> None:
-        ctx = self.ctx
-        if not usable_sni(ctx, peek.sni, self.up.address):
-            return
-        offered = peek.alpn
-        chosen = None
-        upstream_error: UpstreamError | None = None
-        if self.scheme == "https":  # ALPN settled with the target first
-            try:
-                tls = await self.up.start_tls(
-                    self.host, tuple(p for p in offered if p in SUPPORTED_ALPN))
-                chosen = tls.ssl.selected_alpn_protocol()
-            except UpstreamError as e:
-                upstream_error = e
-                ctx.error(e.stage, e.message, address=self.up.address)  # type: ignore
-                self.up.close()
-        client_alpn = (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
-        certs = ctx.services.certs
-        server_ctx = server_context(ctx, peek.sni or self.host, client_alpn, self.up.address)
-        if server_ctx is None:
-            return
-        try:
-            ctls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
-                                             timeout=self.cfg.peek_timeout)
-        except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
-            ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
-                      address=self.up.address)
-            return
-        ctx.emit("tls", ctls.event("client", self.up.address, peek.sni))
-        if upstream_error is not None:
-            await answer_with_error(ctx, ctls, upstream_error)
-            return
+    async def upstream_tls(self, server_name: str, alpn: tuple[str, ...]) -> str | None:
+        """TLS to the target only when it is https: (plain http targets get the client's
+        decrypted requests); always under the target's own name."""
+        if self.scheme != "https":
+            return None
+        tls = await self.up.start_tls(self.host, alpn)
+        return tls.ssl.selected_alpn_protocol()
+
+    async def _bridge(self, ctls: TLSStream, server_name: str, offered: tuple) -> None:
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
 
-            bridge = H2Bridge(ctx, ctls, self.up, self.scheme, self.host)
+            bridge = H2Bridge(self.ctx, ctls, self.up, self.scheme, self.host)
             bridge.authority = self.authority
             await bridge.run()
             return

@@ -187,6 +187,16 @@ def usable_sni(ctx: Context, sni: str | None, address: str) -> bool:
     return True
 
 
+def leaf_context(ctx: Context, name: str, alpn: tuple[str, ...], address: str):
+    """The dumpproxy CA's leaf for name, or None (and an error event) without one."""
+    try:
+        return ctx.services.certs.server_context(name, alpn)
+    except OSError as e:  # loading the leaf needs a descriptor, like everything else
+        why = OUT_OF_DESCRIPTORS if e.errno in (errno.EMFILE, errno.ENFILE) else e
+        ctx.error("client_tls", f"no certificate for {name}: {why}", address=address)
+        return None
+
+
 class Tunnel:
     def __init__(self, ctx: Context, client: SocketStream, up: Upstream, host: str, port: int):
         self.ctx = ctx
@@ -257,11 +267,10 @@ class Tunnel:
         server_name = peek.sni or self.host
         offered = peek.alpn
         # ALPN is settled upstream first, so that both sides speak the same protocol.
-        up_alpn = tuple(p for p in offered if p in SUPPORTED_ALPN)
         upstream_error: UpstreamError | None = None
         try:
-            tls = await self.up.start_tls(server_name, up_alpn)
-            chosen = tls.ssl.selected_alpn_protocol()
+            chosen = await self.upstream_tls(server_name,
+                                             tuple(p for p in offered if p in SUPPORTED_ALPN))
         except UpstreamError as e:
             upstream_error = e
             ctx.error(e.stage, e.message, address=self.up.address)  # type: ignore[arg-type]
@@ -269,12 +278,8 @@ class Tunnel:
             chosen = None
         client_alpn = (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
         certs = ctx.services.certs
-        try:
-            server_ctx = certs.server_context(server_name, client_alpn)
-        except OSError as e:  # loading the leaf needs a descriptor, like everything else
-            why = OUT_OF_DESCRIPTORS if e.errno in (errno.EMFILE, errno.ENFILE) else e
-            ctx.error("client_tls", f"no certificate for {server_name}: {why}",
-                      address=self.up.address)
+        server_ctx = leaf_context(ctx, server_name, client_alpn, self.up.address)
+        if server_ctx is None:
             self.up.close()
             return
         try:
@@ -316,7 +321,13 @@ class Tunnel:
                 None, self.ctx.services.certs.ca.cert_path, silent=True),
                 address=self.up.address)
 
+    async def upstream_tls(self, server_name: str, alpn: tuple[str, ...]) -> str | None:
+        """TLS with the destination before the client's handshake; the ALPN it chose."""
+        tls = await self.up.start_tls(server_name, alpn)
+        return tls.ssl.selected_alpn_protocol()
+
     async def _bridge(self, ctls: TLSStream, server_name: str, offered: tuple) -> None:
+        """The intercepted client's HTTP/2 or HTTP/1 to the destination."""
         ctx = self.ctx
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
