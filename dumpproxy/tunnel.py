@@ -9,9 +9,11 @@ HTTP/1 or HTTP/2 bridge).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ssl
 import time
+from collections.abc import Callable, Iterator
 
 import h11
 
@@ -31,9 +33,10 @@ from dumpproxy.upstream import OUT_OF_DESCRIPTORS, Upstream, UpstreamError
 # done, and then close without an alert.
 SILENT_REJECT_WINDOW = 2.0
 # How long what a client showed about trusting the CA counts for its server name, and how
-# long a connection dropped mid-handshake waits for a sibling that completes one.
+# long an ended connection waits for a sibling still on its way (see ClientTrust.settle).
 TRUST_MEMORY = 60.0
 SIBLING_WAIT = 1.0
+SIBLING_POLL = 0.02
 HTTP1_ALPN = "http/1.1"
 H2_ALPN = "h2"
 SUPPORTED_ALPN = (H2_ALPN, HTTP1_ALPN)
@@ -52,6 +55,33 @@ class ClientTrust:
         self._handshakes: dict[str, float] = {}  # name -> last completed handshake
         self._proven: dict[str, float] = {}  # name -> last connection that carried data
         self._live: dict[str, set[TLSStream]] = {}
+        self._handshaking: dict[str, int] = {}  # name -> handshakes under way
+
+    @contextlib.contextmanager
+    def handshaking(self, name: str) -> Iterator[None]:
+        """A handshake with the client for `name` is under way (a sibling in the making)."""
+        self._handshaking[name] = self._handshaking.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._handshaking[name] - 1
+            if left:
+                self._handshaking[name] = left
+            else:
+                del self._handshaking[name]
+
+    def _pending(self, name: str) -> bool:
+        """A sibling may still show trust: it is in its handshake, or up without a request."""
+        return name in self._handshaking or any(not s.bytes_in for s in self._live.get(name, ()))
+
+    async def settle(self, name: str, shown: Callable[[], bool]) -> bool:
+        """Whether trust is `shown` for `name`, waiting (at most SIBLING_WAIT) only while a
+        sibling connection may still show it. A lone client learns of its rejection at
+        once; a browser's spare, dropped while its sibling finishes, is not blamed."""
+        deadline = time.monotonic() + SIBLING_WAIT
+        while not shown() and self._pending(name) and time.monotonic() < deadline:
+            await asyncio.sleep(SIBLING_POLL)
+        return shown()
 
     def _prune(self, table: dict[str, float], now: float) -> None:
         if len(table) > 4096:
@@ -261,10 +291,44 @@ class Tunnel:
             self.up.close()
 
     async def intercept_tls(self, peek: Peek) -> None:
-        ctx, cfg = self.ctx, self.cfg
+        ctx = self.ctx
         if not usable_sni(ctx, peek.sni, self.up.address):
             return
         server_name = peek.sni or self.host
+        with TRUST.handshaking(server_name):
+            ctls, upstream_error, failure = await self._terminate_tls(peek, server_name)
+        if failure is not None:
+            # a client that dropped while a sibling trusted the CA: a spare connection
+            # (client_disconnect says how it ended); anything else is a rejection
+            if not client_dropped(failure) or not await TRUST.settle(
+                    server_name, lambda: TRUST.handshaken(server_name)):
+                ctx.error("client_tls", client_tls_message(
+                    failure, ctx.services.certs.ca.cert_path), address=self.up.address)
+            return
+        if ctls is None:
+            return
+        ctx.emit("tls", ctls.event("client", self.up.address, peek.sni))
+        if upstream_error is not None:
+            await answer_with_error(ctx, ctls, upstream_error)
+            return
+        TRUST.handshake_done(server_name, ctls)
+        handshake_done = time.monotonic()
+        try:
+            await self._bridge(ctls, server_name, peek.alpn)
+        finally:
+            TRUST.closed(server_name, ctls)
+            ended = self.client.ended
+            if ended != "peer_reset":
+                ctls.write_eof()  # close_notify, then FIN: an orderly close
+        if (ctls.bytes_in == 0 and ended in ("peer_closed", "peer_reset")
+                and time.monotonic() - handshake_done < SILENT_REJECT_WINDOW):
+            await self._silent_close(server_name)
+
+    async def _terminate_tls(self, peek: Peek, server_name: str) -> tuple[
+            TLSStream | None, UpstreamError | None, BaseException | None]:
+        """The handshake with the client, after the upstream one: (the client's TLS stream,
+        the upstream failure to answer it with, the client handshake's failure)."""
+        ctx = self.ctx
         offered = peek.alpn
         # ALPN is settled upstream first, so that both sides speak the same protocol.
         upstream_error: UpstreamError | None = None
@@ -277,46 +341,22 @@ class Tunnel:
             self.up.close()
             chosen = None
         client_alpn = (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
-        certs = ctx.services.certs
         server_ctx = leaf_context(ctx, server_name, client_alpn, self.up.address)
         if server_ctx is None:
             self.up.close()
-            return
+            return None, None, None
         try:
             ctls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
-                                             timeout=cfg.peek_timeout)
+                                             timeout=self.cfg.peek_timeout)
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
             self.up.close()
-            if client_dropped(e) and not TRUST.handshaken(server_name):
-                await asyncio.sleep(SIBLING_WAIT)  # a sibling may be just completing
-            if not client_dropped(e) or not TRUST.handshaken(server_name):
-                # else a spare connection: client_disconnect says how it ended
-                ctx.error("client_tls", client_tls_message(e, certs.ca.cert_path),
-                          address=self.up.address)
-            return
-        ctx.emit("tls", ctls.event("client", self.up.address, peek.sni))
-        if upstream_error is not None:
-            await answer_with_error(ctx, ctls, upstream_error)
-            return
-        TRUST.handshake_done(server_name, ctls)
-        handshake_done = time.monotonic()
-        try:
-            await self._bridge(ctls, server_name, offered)
-        finally:
-            TRUST.closed(server_name, ctls)
-            ended = self.client.ended
-            if ended != "peer_reset":
-                ctls.write_eof()  # close_notify, then FIN: an orderly close
-        if (ctls.bytes_in == 0 and ended in ("peer_closed", "peer_reset")
-                and time.monotonic() - handshake_done < SILENT_REJECT_WINDOW):
-            await self._silent_close(server_name)
+            return None, upstream_error, e
+        return ctls, upstream_error, None
 
     async def _silent_close(self, server_name: str) -> None:
         """The client closed right after the handshake without a request: a rejection
         (GnuTLS), unless a sibling connection carried requests (see ClientTrust)."""
-        if not TRUST.proven(server_name):
-            await asyncio.sleep(SIBLING_WAIT)  # a sibling may be just starting to
-        if not TRUST.proven(server_name):
+        if not await TRUST.settle(server_name, lambda: TRUST.proven(server_name)):
             self.ctx.error("client_tls", client_tls_message(
                 None, self.ctx.services.certs.ca.cert_path, silent=True),
                 address=self.up.address)

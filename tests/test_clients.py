@@ -658,6 +658,71 @@ def test_unused_connection_of_a_trusting_client_is_no_error(dumpproxy, pki, ngin
     assert_quiet(p, connections=2)
 
 
+class SteppedHandshake:
+    """A client handshake driven step by step over a tunnel (a browser's sibling
+    connection, caught in the middle)."""
+
+    def __init__(self, proxy: DumpProxy, nginx: Nginx):
+        self.sock = tunnel(proxy, nginx)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ctx = ssl.create_default_context(cafile=proxy.ca)
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="app.test")
+        with pytest.raises(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        self.sock.sendall(self.outgoing.read())  # ClientHello
+
+    def finish(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                data = self.sock.recv(65536)
+                assert data, "proxy closed mid-handshake"
+                self.incoming.write(data)
+        self.sock.sendall(self.outgoing.read())  # the client's Finished
+
+    def request(self) -> bytes:
+        self.tls.write(b"GET /hello.txt HTTP/1.1\r\nHost: app.test\r\n"
+                       b"Connection: close\r\n\r\n")
+        self.sock.sendall(self.outgoing.read())
+        got = b""
+        while not got.endswith(b"hello\n"):
+            try:
+                got += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                assert data, got
+                self.incoming.write(data)
+        self.sock.close()
+        return got
+
+
+def test_spare_dropped_while_its_sibling_is_mid_handshake_is_no_error(dumpproxy, pki, nginx):
+    """Chromium's race: two connections to one name, one dropped before the other's
+    handshake is done. The drop waits for the sibling instead of blaming the CA."""
+    p = start(dumpproxy, pki)
+    sibling = SteppedHandshake(p, nginx)
+    time.sleep(0.2)  # the proxy is in the sibling's handshake
+    drop_mid_handshake(p, nginx)
+    sibling.finish()
+    assert sibling.request().startswith(b"HTTP/1.1 200 ")
+    assert_quiet(p, responses=1, connections=2)
+
+
+def test_unused_connection_beside_a_sibling_about_to_send_is_no_error(dumpproxy, pki, nginx):
+    """A handshake completed and closed unused while a sibling is up but has not sent its
+    request yet: it waits for the sibling's request instead of blaming the CA."""
+    p = start(dumpproxy, pki)
+    sibling = SteppedHandshake(p, nginx)
+    sibling.finish()
+    handshake_then_close(p, nginx)
+    time.sleep(0.2)  # the proxy has seen the unused connection close
+    assert sibling.request().startswith(b"HTTP/1.1 200 ")
+    assert_quiet(p, responses=1, connections=2)
+
+
 def events_of_kind(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["event"] == kind]
 
