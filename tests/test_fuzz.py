@@ -808,10 +808,15 @@ def request_heads(draw, e: Env) -> bytes:
     return draw(mutated(head.encode("latin-1") + body))
 
 
+# A TLS record: an alert or a handshake message, TLS 1.0 to 1.3 on the wire.
+TLS_RECORD = rb"[\x15\x16]\x03[\x01-\x04]"
+
+
 def test_fuzz_request_heads(env: Env) -> None:
     """Any request head, to the explicit proxy or inside a CONNECT tunnel to the origin
-    (intercepted plain HTTP): an answer (an HTTP status line) or a close within BOUND;
-    never an internal error."""
+    (intercepted plain HTTP): an answer (an HTTP status line; a TLS record when the bytes
+    begin like TLS, which the proxy's own port also speaks) or a close within BOUND; never
+    an internal error."""
 
     @fuzz(150)
     @given(st.one_of(request_heads(env), st.binary(max_size=200)),
@@ -822,7 +827,8 @@ def test_fuzz_request_heads(env: Env) -> None:
         tunnel = f"127.0.0.1:{env.origin.port}" if where == 0 else None
         got, _ = _send_and_close(env, split_at(data, cuts), connect=tunnel)
         if got and tunnel is None:  # (what is not HTTP goes through a tunnel verbatim)
-            assert re.match(rb"HTTP/1\.[01] \d{3} ", got), got[:200]
+            answer = TLS_RECORD if data[:1] == b"\x16" else rb"HTTP/1\.[01] \d{3} "
+            assert re.match(answer, got), got[:200]
 
     with Surface(env, "request heads"):
         run()
