@@ -21,7 +21,8 @@ listeners (an IP literal elsewhere, a port we do not own) is rejected before it 
 The normal run is bounded (the whole module in about 30 s) and reproducible
 (`derandomize=True`, no example database). DUMPPROXY_FUZZ_EXAMPLES=N sets max_examples
 of every surface to N and randomizes the run (e.g. 100000 for a long run; the number of
-inputs each surface tried is printed, visible with `pytest -s`).
+inputs each surface tried is printed, and every 5,000 along the way, visible with
+`pytest -s`).
 
 A case the fuzzing finds is reduced into a plain test below (`--- found cases ---`),
 marked xfail(strict=True) while the product has the bug. While a bug is open, the fuzz
@@ -85,8 +86,14 @@ def fuzz(default: int, **kw) -> settings:
 pytestmark = [pytest.mark.timeout(0)] if LONG else []
 
 
+STARTED = time.monotonic()
+
+
 def _count(surface: str) -> None:
-    TRIED[surface] = TRIED.get(surface, 0) + 1
+    n = TRIED[surface] = TRIED.get(surface, 0) + 1
+    if LONG and n % 5000 == 0:  # progress of a long run (pytest -s shows it)
+        print(f"\nfuzz {surface}: {n} inputs after {time.monotonic() - STARTED:.0f} s",
+              file=sys.stderr, flush=True)
 
 
 def _report(surface: str) -> None:
