@@ -533,6 +533,33 @@ def tls_origin(pki: TestPKI) -> Iterator[Origin]:
     o.close()
 
 
+def open_tunnel(port: int, target: str, timeout: float = 15) -> socket.socket:
+    """A raw CONNECT tunnel to `target` through the proxy on `port`, positioned right after
+    its 200 head (nothing of the tunnel consumed)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(4096)
+        assert chunk, f"proxy closed during CONNECT; got {buf!r}"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert rest == b""
+    return s
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout, env=env)

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import TestPKI, free_port
+from conftest import TestPKI, free_port, stop_process
 
 HOSTS = ("app.test", "cdn.test", "git.test")
 
@@ -170,13 +170,7 @@ class Nginx:
         return path.read_text() if path.exists() else ""
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.ws.close()
 
 

@@ -84,6 +84,10 @@ class MemConnector(Connector):
         return cast(SocketStream, ours)  # the SocketStream surface, duck-typed
 
 
+# The events of one exchange on one upstream connection, in order.
+ONE_EXCHANGE = ["server_connect", "decision", "request", "response", "server_disconnect"]
+
+
 class Rig:
     """One proxy run: configuration, services and the events they wrote."""
 
@@ -270,8 +274,7 @@ def test_get_with_content_length() -> None:
         assert (req.head.method, req.head.target) == (b"GET", b"/path?q=1")  # origin-form
         assert req.headers == {"host": "example.test"}  # Proxy-Connection is hop-by-hop
 
-        assert rig.kinds() == ["server_connect", "decision", "request", "response",
-                               "server_disconnect"]
+        assert rig.kinds() == ONE_EXCHANGE
         assert all(e["conn"] == 1 and e["client"] == CLIENT for e in rig.events)
         connect, decision, request, resp_ev, disconnect = rig.events
         assert (connect["address"], connect["ip"]) == ("example.test:80", f"{ORIGIN_IP}:80")
@@ -310,8 +313,7 @@ def test_chunked_response_with_trailers() -> None:
         assert resp.trailers == {"x-checksum": "abc"}
         [[req]] = await rig.origins()
         assert "te" not in req.headers  # hop-by-hop on HTTP/1
-        assert rig.kinds() == ["server_connect", "decision", "request", "response",
-                               "server_disconnect"]
+        assert rig.kinds() == ONE_EXCHANGE
         [ev] = rig.of("response")
         assert (ev["status"], ev["request_bytes"], ev["response_bytes"]) == (200, 0, 12)
 
@@ -578,8 +580,7 @@ def test_origin_answers_before_request_body_ends() -> None:
         assert (resp.status, resp.body) == (413, b"too big")
         [got] = await rig.origins()
         assert got == b"x" * 10
-        assert rig.kinds() == ["server_connect", "decision", "request", "response",
-                               "server_disconnect"]
+        assert rig.kinds() == ONE_EXCHANGE
         [ev] = rig.of("response")
         assert (ev["status"], ev["request_bytes"], ev["response_bytes"]) == (413, 10, 7)
 
@@ -625,8 +626,7 @@ def test_upgrade_then_raw_bytes_both_ways() -> None:
         assert req.headers["upgrade"] == "websocket"
         assert req.headers["connection"].lower() == "upgrade"
         assert (up, up_rest) == (b"ping", b"")
-        assert rig.kinds() == ["server_connect", "decision", "request", "response",
-                               "server_disconnect"]
+        assert rig.kinds() == ONE_EXCHANGE
         [ev] = rig.of("response")
         assert (ev["status"], ev["reason"], ev["response_bytes"]) == (
             101, "Switching Protocols", 0)
@@ -658,8 +658,7 @@ def test_upgraded_connection_reset_by_client_is_teardown() -> None:
 
         [(_, reset)] = await rig.origins()
         assert not reset  # closed in order towards the origin
-        assert rig.kinds() == ["server_connect", "decision", "request", "response",
-                               "server_disconnect"]
+        assert rig.kinds() == ONE_EXCHANGE
 
     run(main)
 

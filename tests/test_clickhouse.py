@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl, free_port
+from conftest import ROOT, curl, free_port, stop_process
 from test_readme import bin_dir, clean_env, marked_blocks, run_bash  # noqa: F401 (fixture)
 
 CONTRIB = ROOT / "contrib" / "clickhouse"
@@ -114,13 +114,7 @@ class ClickHouse:
         return [json.loads(line) for line in r.stdout.splitlines()]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import h2.events
 import httpx
 import hyperframe.frame
 import pytest
-from conftest import ROOT, DumpProxy, curl
+from conftest import ROOT, DumpProxy, curl, open_tunnel
 from realorigins import HOSTS, Nginx
 
 CLIENTS_DIR = ROOT / "tests" / "clients"
@@ -547,12 +547,7 @@ def test_chromium_five_page_loads(dumpproxy, pki, nginx, tmp_path, action, trust
 
 
 def h2_tunnel(proxy: DumpProxy, host: str, port: int) -> ssl.SSLSocket:
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
-    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
-    assert head.startswith(b"HTTP/1.1 200"), head
+    sock = open_tunnel(proxy.port, f"{host}:{port}", TIMEOUT)
     ctx = ssl.create_default_context(cafile=proxy.ca)
     ctx.set_alpn_protocols(["h2"])
     return ctx.wrap_socket(sock, server_hostname=host)
@@ -600,11 +595,7 @@ def good_request(proxy: DumpProxy, nginx: Nginx) -> None:
 
 
 def tunnel(proxy: DumpProxy, nginx: Nginx) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
-    target = f"app.test:{nginx.port}"
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-    return sock
+    return open_tunnel(proxy.port, f"app.test:{nginx.port}", TIMEOUT)
 
 
 def drop_mid_handshake(proxy: DumpProxy, nginx: Nginx) -> None:
@@ -730,15 +721,20 @@ def events_of_kind(events: list[dict], kind: str) -> list[dict]:
 # --- passed-through tunnels: an origin resetting after the client closed ---------------------
 
 
-def test_origin_reset_after_client_closed_is_no_error(dumpproxy):
+def passed_through_tunnel(dumpproxy) -> tuple[DumpProxy, socket.socket, socket.socket,
+                                                socket.socket]:
+    """A proxy passing 127.0.0.1 through, and a tunnel across it to a raw TCP server:
+    (proxy, the server's listening socket, the client's end, the server's end)."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     p = dumpproxy("--ignore-hosts", "127.0.0.1")
-    c = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
-    c.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-              .encode())
-    assert c.recv(4096).startswith(b"HTTP/1.1 200")
+    c = open_tunnel(p.port, f"127.0.0.1:{port}", TIMEOUT)
     conn, _ = server.accept()
+    return p, server, c, conn
+
+
+def test_origin_reset_after_client_closed_is_no_error(dumpproxy):
+    p, server, c, conn = passed_through_tunnel(dumpproxy)
     conn.settimeout(TIMEOUT)
     c.sendall(b"\x16\x03\x01 not really TLS")
     c.shutdown(socket.SHUT_WR)  # the client is done
@@ -757,14 +753,7 @@ def test_origin_reset_after_client_closed_is_no_error(dumpproxy):
 def test_origin_reset_mid_tunnel_is_an_error(dumpproxy):
     """The other side: an origin that resets while both directions are open broke the
     tunnel."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    p = dumpproxy("--ignore-hosts", "127.0.0.1")
-    c = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
-    c.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-              .encode())
-    assert c.recv(4096).startswith(b"HTTP/1.1 200")
-    conn, _ = server.accept()
+    p, server, c, conn = passed_through_tunnel(dumpproxy)
     c.sendall(b"\x16\x03\x01 not really TLS")
     assert conn.recv(4096)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import hpack
 import pytest
-from conftest import SCHEMA_CHECK, DumpProxy, Origin, TestPKI
+from conftest import SCHEMA_CHECK, DumpProxy, Origin, TestPKI, open_tunnel
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -542,7 +542,7 @@ def _warm_up(e: Env) -> None:
     descriptor count is taken."""
     _normal_request(e)
     for port, alpn in ((e.tls_origin.port, ["http/1.1"]), (e.h2_origin.port, ["h2"])):
-        s = _connect_tunnel(e, f"localhost:{port}")
+        s = open_tunnel(e.proxy.port, f"localhost:{port}", BOUND)
         ctx = _insecure_client(alpn)
         with ctx.wrap_socket(s, server_hostname="localhost") as t:
             if alpn == ["h2"]:
@@ -558,19 +558,6 @@ def _insecure_client(alpn: list[str]) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(alpn)
     return ctx
-
-
-def _connect_tunnel(e: Env, target: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", e.proxy.port), timeout=BOUND)
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        assert chunk, f"proxy closed during CONNECT: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert head.endswith(b"\r\n\r\n"), head
-    return s
 
 
 class Hang(AssertionError):
@@ -655,7 +642,7 @@ def _send_and_close(e: Env, pieces: list[bytes], tls: str | None = None,
     """One client connection: (CONNECT first, TLS on top when asked,) the pieces sent,
     then a half-close; everything until the proxy closes, and the connection's events."""
     if connect is not None:
-        s = _connect_tunnel(e, connect)
+        s = open_tunnel(e.proxy.port, connect, BOUND)
     else:
         s = socket.create_connection(("127.0.0.1", e.proxy.port), timeout=BOUND)
     lport = s.getsockname()[1]

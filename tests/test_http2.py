@@ -22,7 +22,7 @@ import h2.events
 import httpx
 import hyperframe.frame
 import pytest
-from conftest import curl, free_port, rss_kb
+from conftest import curl, free_port, rss_kb, stop_process
 
 TESTS = Path(__file__).resolve().parent
 MB = 1024 * 1024
@@ -62,13 +62,7 @@ class Hypercorn:
         return f"{self.scheme}://{host}:{self.port}{path}"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

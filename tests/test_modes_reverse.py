@@ -6,19 +6,11 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Iterator
 
-import pytest
+import test_http2
 from conftest import curl
-from test_http2 import Hypercorn
 
-
-@pytest.fixture(scope="module")
-def h2_origin(pki) -> Iterator[Hypercorn]:
-    cert, key = pki.leaf(["localhost", "127.0.0.1"])
-    o = Hypercorn(cert, key)
-    yield o
-    o.close()
+h2_origin = test_http2.h2_origin  # the same fixture: an HTTPS origin that speaks h2
 
 
 def reverse(dumpproxy, pki, target: str, *args: str):

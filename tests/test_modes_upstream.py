@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import curl, free_port
+from conftest import curl, free_port, stop_process
 
 TP_USER, TP_PASS = "tpuser", "tp-secret"
 
@@ -40,12 +40,7 @@ class Tinyproxy:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import datetime
 import http.client
 import ipaddress
 import os
-import socket
 import ssl
 import stat
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, Origin, curl, run_cli
+from conftest import ROOT, Origin, curl, open_tunnel, run_cli
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -45,21 +44,6 @@ def load_ca(dp) -> x509.Certificate:
     return x509.load_pem_x509_certificate(ca_cert_path(dp).read_bytes())
 
 
-def open_tunnel(dp, target: str) -> socket.socket:
-    """A raw CONNECT tunnel through dumpproxy, positioned right after the 200 head."""
-    s = socket.create_connection(("127.0.0.1", dp.port), timeout=15)
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(4096)
-        assert chunk, f"proxy closed during CONNECT; got {buf!r}"
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    assert rest == b""
-    return s
-
-
 def tls_through(dp, target: str, cafile, server_hostname: str | None,
                 alpn: list[str] | None = None) -> ssl.SSLSocket:
     """TLS over a CONNECT tunnel, verifying the chain against cafile (and the name, if any).
@@ -71,7 +55,7 @@ def tls_through(dp, target: str, cafile, server_hostname: str | None,
         ctx.check_hostname = False
     if alpn:
         ctx.set_alpn_protocols(alpn)
-    return ctx.wrap_socket(open_tunnel(dp, target), server_hostname=server_hostname)
+    return ctx.wrap_socket(open_tunnel(dp.port, target), server_hostname=server_hostname)
 
 
 def get(tls: ssl.SSLSocket, host: str, path: str = "/small") -> bytes:
@@ -637,7 +621,7 @@ def test_python_client_without_dumpproxy_ca_fails_with_hint(dumpproxy, tls_origi
     dp = dumpproxy("--upstream-ca", str(pki.ca_path))
     ctx = ssl.create_default_context(cafile=str(pki.ca_path))  # trusts only the origin CA
     with pytest.raises(ssl.SSLCertVerificationError):
-        ctx.wrap_socket(open_tunnel(dp, f"localhost:{tls_origin.port}"),
+        ctx.wrap_socket(open_tunnel(dp.port, f"localhost:{tls_origin.port}"),
                         server_hostname="localhost")
     _client_tls_error(dp)
 
