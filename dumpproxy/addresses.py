@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
 
 def strip_brackets(host: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -13,6 +15,14 @@ def join_host_port(host: str, port: int) -> str:
     """`example.com:443`, `[2001:db8::1]:443` (SPEC §2: IPv6 bracketed)."""
     host = strip_brackets(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def authority(scheme: str, host: str, port: int) -> str:
+    """A URL's authority: the port left out when it is the scheme's default."""
+    if DEFAULT_PORTS.get(scheme) == port:
+        host = strip_brackets(host)
+        return f"[{host}]" if ":" in host else host
+    return join_host_port(host, port)
 
 
 def split_host_port(target: str, default_port: int | None = None) -> tuple[str, int]:

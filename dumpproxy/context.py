@@ -18,6 +18,7 @@ from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import DECISION_BUDGET, HostFilter
 from dumpproxy.schema import Decision, Error, Stage
 from dumpproxy.streams import SocketStream
+from dumpproxy.trust import ClientTrust
 from dumpproxy.upstream import Connector, TLSRequest, Upstream
 
 
@@ -42,6 +43,7 @@ class Services:
         self.certs = certs  #: the CA and the leaf certificates minted from it
         self.connector = connector  #: how upstream connections are made (the mode's part)
         self.auth = ProxyAuth(cfg.proxyauth) if cfg.proxyauth else None  #: --proxyauth
+        self.trust = ClientTrust()  #: what clients showed about trusting the CA, per name
         self.stats = Stats()
         self._flows = 0
 
@@ -62,7 +64,10 @@ class Services:
 
 
 class Context:
-    """One client connection: its id and address, its events, decisions and upstreams."""
+    """One client connection: its id and address, its events, decisions and upstreams.
+
+    It owns every upstream connection opened for the client: the code that uses one
+    releases it (`Upstream.release`), and only the context closes it."""
 
     def __init__(self, services: Services, stream: SocketStream, cid: int,
                  connector: Connector | None = None):
@@ -110,14 +115,24 @@ class Context:
 
         forward: it carries the explicit proxy's plain HTTP (an upstream proxy then takes
         the requests in absolute form instead of a CONNECT)."""
-        up = await self.connector.open(self.emit, host, port, tls, self.upstreams.discard,
-                                       forward)
+        up = await self.connector.open(self.emit, host, port, self._released, tls, forward)
         self.upstreams.add(up)
         return up
 
-    def close(self) -> None:
+    def _released(self, up: Upstream, reusable: bool) -> None:
+        """An upstream handed back by its user. Kept by no one for now: closed."""
+        self.upstreams.discard(up)
+        up.close()
+
+    def _close_upstreams(self, shutdown: bool = False) -> None:
         for up in list(self.upstreams):
+            if shutdown:
+                up.sock.mark("shutdown")
+            self.upstreams.discard(up)
             up.close()
+
+    def close(self) -> None:
+        self._close_upstreams()
         self.stream.close()
 
     async def finish(self, shutdown: bool = False) -> None:
@@ -125,10 +140,7 @@ class Context:
         reset (FIN, wait briefly for the client's own FIN)."""
         if shutdown:
             self.stream.mark("shutdown")
-        for up in list(self.upstreams):
-            if shutdown:
-                up.sock.mark("shutdown")
-            up.close()
+        self._close_upstreams(shutdown)
         if shutdown:
             self.stream.close()
         else:

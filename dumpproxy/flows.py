@@ -6,19 +6,13 @@ import base64
 import time
 
 from dumpproxy import headers as hdr
-from dumpproxy.addresses import join_host_port
+from dumpproxy.addresses import authority
 from dumpproxy.context import Context
 from dumpproxy.schema import Request, Response
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
 
 def build_url(scheme: str, host: str, port: int, path: str) -> str:
-    if DEFAULT_PORTS.get(scheme) == port:
-        authority = f"[{host}]" if ":" in host else host
-    else:
-        authority = join_host_port(host, port)
-    return f"{scheme}://{authority}{path}"
+    return f"{scheme}://{authority(scheme, host, port)}{path}"
 
 
 class BodyCapture:

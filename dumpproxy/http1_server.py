@@ -15,15 +15,15 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
-
 from dumpproxy import auth
 from dumpproxy import headers as hdr
-from dumpproxy.addresses import BadHost, check_host, join_host_port
+from dumpproxy import http1_wire as wire
+from dumpproxy.addresses import DEFAULT_PORTS, BadHost, check_host, join_host_port
 from dumpproxy.context import Context
-from dumpproxy.flows import DEFAULT_PORTS, Flow, build_url
+from dumpproxy.flows import Flow, build_url
 from dumpproxy.hostfilter import candidates
-from dumpproxy.http1 import MAX_HEAD, Exchange, answer_error, next_event, protocol_error_text
+from dumpproxy.http1 import Exchange
+from dumpproxy.http1_wire import MAX_HEAD, Wire, answer_error, protocol_error_text
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import TLSRequest, Upstream, UpstreamError
 
@@ -40,8 +40,8 @@ class BadRequest(Exception):
 class Connect:
     """A CONNECT request, handed back to the caller with the connection it came on."""
 
-    h: h11.Connection
-    request: h11.Request
+    h: Wire
+    request: wire.Request
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Target:
     async def connection(self, ctx: Context) -> Upstream:
         up = self.upstream
         if not up.reusable:
-            up.close()
+            up.release()
             self.upstream = up = await ctx.open_upstream(up.host, up.port, self.tls)
         return up
 
@@ -76,22 +76,28 @@ class UpstreamPool:
         if up is not None and up.reusable:
             return up
         if up is not None:
-            up.close()
+            up.release()
         if len(self._by_target) >= MAX_UPSTREAMS:  # drop the oldest
-            old_key = next(iter(self._by_target))
-            self._by_target.pop(old_key).close()
+            old = self._by_target.pop(next(iter(self._by_target)))
+            old.release(reusable=old.reusable)
         tls = (host, ("http/1.1",)) if scheme == "https" else None
         up = await self.ctx.open_upstream(host, port, tls, forward=scheme == "http")
         self._by_target[key] = up
         return up
+
+    def release_all(self) -> None:
+        """The client connection is over: its upstreams go back to their owner."""
+        for up in self._by_target.values():
+            up.release(reusable=up.reusable)
+        self._by_target.clear()
 
 
 def _target_text(raw: str, redact: bool) -> str:
     return repr(re.sub(r"//[^/@]*@", "//<redacted>@", raw) if redact else raw)
 
 
-def check_head(req: h11.Request, items: list[tuple[bytes, bytes]]) -> None:
-    """What h11 lets through but a proxy must not forward: another HTTP version (it would
+def check_head(req: wire.Request, items: list[tuple[bytes, bytes]]) -> None:
+    """What the parser lets through but a proxy must not forward: another HTTP version (it would
     be sent on as HTTP/1.1), a head over the cap that arrived in one piece (the cap must not
     depend on segmentation), a framing field spelled with `_` (back ends that fold `_` into
     `-` would see a second framing header: smuggling)."""
@@ -145,35 +151,43 @@ async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Co
     target None: explicit proxy (absolute-form, decided per request); a CONNECT request
     ends the loop and is returned to the caller, which owns tunnels.
     """
-    h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    cfg = ctx.cfg
+    h = Wire("server")
     pool = UpstreamPool(ctx) if target is None else None
+    try:
+        return await _serve(ctx, h, client, target, pool)
+    finally:
+        if pool is not None:
+            pool.release_all()
+
+
+async def _serve(ctx: Context, h: Wire, client: Stream, target: Target | None,
+                 pool: UpstreamPool | None) -> Connect | None:
+    cfg = ctx.cfg
     while True:
         try:
-            ev = await next_event(h, client, cfg.head_timeout)
+            ev = await h.read_event(client, cfg.head_timeout)
         except StreamTimeout:
             ctx.stream.mark("idle_timeout")
-            if h.their_state is not h11.IDLE or h.trailing_data[0]:
+            if h.head_started:
                 ctx.error("http", f"no complete request head within {cfg.head_timeout:g} s")
             return None
-        except h11.RemoteProtocolError as e:
+        except wire.RemoteProtocolError as e:
             text = protocol_error_text(e, cfg.redact)
             ctx.error("http", f"malformed request: {text}")
-            answer_error(h, client, e.error_status_hint or 400, f"Bad request: {text}")
+            answer_error(h, client, wire.status_hint(e), f"Bad request: {text}")
             return None
         except ConnectionError:
             return None
-        if type(ev) is not h11.Request:  # ConnectionClosed (clean EOF)
+        if type(ev) is not wire.Request:  # ConnectionClosed (clean EOF)
             return None
         if target is None and ev.method == b"CONNECT":
             return Connect(h, ev)
         keep = await _exchange(ctx, h, client, ev, target, pool)
-        if not keep or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if not keep or not h.next_cycle():
             return None
-        h.start_next_cycle()
 
 
-def refuse(ctx: Context, h: h11.Connection, client: Stream, stage, status: int,
+def refuse(ctx: Context, h: Wire, client: Stream, stage, status: int,
            message: str, flow: int | None = None, address: str | None = None) -> bool:
     """Record an error and answer it; the client connection ends."""
     ctx.error(stage, message, flow, address)
@@ -181,7 +195,7 @@ def refuse(ctx: Context, h: h11.Connection, client: Stream, stage, status: int,
     return False
 
 
-async def _exchange(ctx: Context, h: h11.Connection, client: Stream, req: h11.Request,
+async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
                     target: Target | None, pool: UpstreamPool | None) -> bool:
     """One request: checks, decision, upstream, then the pump. True: keep the client."""
     started = time.monotonic()  # the flow's duration counts the upstream connect too

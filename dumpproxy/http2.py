@@ -170,12 +170,13 @@ def _check_frame_header(conn: h2.connection.H2Connection) -> None:
 
 
 class H2Bridge:
-    def __init__(self, ctx: Context, client: Stream, up: Upstream, scheme: str, host: str):
+    def __init__(self, ctx: Context, client: Stream, up: Upstream, scheme: str, host: str,
+                 authority: bytes | None = None):
         self.ctx = ctx
         self.up = up
         self.scheme = scheme
         self.host = host  # as the HTTP/1 bridge names it: the SNI, else the CONNECT host
-        self.authority: bytes | None = None  # reverse mode: every request's :authority
+        self.authority = authority  # reverse mode: every request's :authority
         self.client = Side("client", client, client_side=False)
         self.server = Side("server", up.stream, client_side=True, up=up)
         self.server.peer = self.client
@@ -238,7 +239,7 @@ class H2Bridge:
             self._abandon_open_streams()
             for side in self.servers:
                 if side.up is not None:
-                    side.up.close()
+                    side.up.release()
             # h2's connection objects hold reference cycles; left to the cyclic GC they
             # pile up between its rare full passes. Collect them once per connection.
             for side in (self.client, *self.servers):
@@ -388,7 +389,7 @@ class H2Bridge:
         if self.current is side:
             self.current = None
         if side.up is not None:
-            side.up.close()
+            side.up.release()
         if side in self.servers:
             self.servers.remove(side)
             side.pending.clear()
@@ -430,7 +431,7 @@ class H2Bridge:
             if up.tls is None or up.tls.ssl.selected_alpn_protocol() != H2_ALPN:
                 self.ctx.error("upstream", f"{up.address} no longer speaks HTTP/2",
                                address=self.up.address)
-                up.close()
+                up.release()
                 self._refuse_queued()
                 return
             side = Side("server", up.stream, client_side=True, up=up)

@@ -16,40 +16,23 @@ for the explicit proxy's plain HTTP, `http1_server.serve_http1`.
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 import time
 
 from dumpproxy import socks5
-from dumpproxy.addresses import BadHost, check_host, join_host_port
-from dumpproxy.clienthello import Peek
+from dumpproxy.addresses import BadHost, authority, check_host, join_host_port
+from dumpproxy.clienttls import HTTP1_ALPN, ClientTLS, usable_sni
 from dumpproxy.config import Config
 from dumpproxy.context import Context
-from dumpproxy.flows import DEFAULT_PORTS
-from dumpproxy.hostfilter import candidates
-from dumpproxy.http1_server import Target, serve_http1
+from dumpproxy.explicit import serve_explicit
 from dumpproxy.modespec import ModeSpec
-from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
-from dumpproxy.tunnel import (
-    H2_ALPN,
-    HTTP1_ALPN,
-    Tunnel,
-    answer_with_error,
-    client_tls_message,
-    leaf_context,
-    peek_first_bytes,
-    serve_connect,
-    usable_sni,
-)
-from dumpproxy.upstream import Connector, UpstreamError, tcp_connect
+from dumpproxy.peek import peek_client
+from dumpproxy.streams import SocketStream, Stream, StreamTimeout
+from dumpproxy.tunnel import Destination, HttpAnswer, serve
+from dumpproxy.upstream import Connector, Upstream, UpstreamError, tcp_connect
 from dumpproxy.viaproxy import ProxyConnector
 
 TLS_HANDSHAKE = 0x16
-
-
-async def peek_client(stream: Stream, timeout: float) -> tuple[bytes, Peek]:
-    """The client's first bytes within timeout; they stay unread in the stream."""
-    return await peek_first_bytes(stream, time.monotonic() + timeout)
 
 
 class Mode:
@@ -70,44 +53,34 @@ class RegularMode(Mode):
     """Explicit HTTP proxy; a client that starts with TLS gets the proxy over TLS."""
 
     async def serve(self, ctx: Context) -> None:
-        stream = await self._client_stream(ctx)
-        if stream is None:
-            return
-        connect = await serve_http1(ctx, stream, None)
-        if connect is not None:
-            await serve_connect(ctx, stream, connect)  # type: ignore[arg-type]
-
-    async def _client_stream(self, ctx: Context) -> Stream | None:
-        """The client's stream: the socket, or TLS on it when the first byte says so."""
         client = ctx.stream
         try:
             first = await client.read(ctx.cfg.head_timeout)
         except (StreamTimeout, ConnectionError):
-            return None
+            return
         if not first:
-            return None
+            return
         client.unread(first)
         if first[0] != TLS_HANDSHAKE:
-            return client
+            await serve_explicit(ctx, client)
+            return
+        # TLS to the proxy itself ("secure web proxy"), the proxy protocol inside
         _, peek = await peek_client(client, ctx.cfg.peek_timeout)
         if not usable_sni(ctx, peek.sni, self.address):
-            return None
+            return
         local = client.transport.get_extra_info("sockname") if client.transport else None
         name = peek.sni or (local[0] if local else self.spec.listen_host or "127.0.0.1")
-        certs = ctx.services.certs
-        alpn = (HTTP1_ALPN,) if HTTP1_ALPN in peek.alpn else ()
-        server_ctx = leaf_context(ctx, name, alpn, self.address)
-        if server_ctx is None:
-            return None
+        tls = ClientTLS(ctx, client, name, self.address, peek.sni, "secure web proxy: ")
+        stream = await tls.handshake((HTTP1_ALPN,) if HTTP1_ALPN in peek.alpn else ())
+        if stream is None:
+            await tls.failed()
+            return
+        tls.serving()
         try:
-            tls = await TLSStream.handshake(client, server_ctx,
-                                            server_side=True, timeout=ctx.cfg.peek_timeout)
-        except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
-            ctx.error("client_tls", "secure web proxy: " + client_tls_message(
-                e, certs.ca.cert_path), address=self.address)
-            return None
-        ctx.emit("tls", tls.event("client", self.address, peek.sni))
-        return tls
+            await serve_explicit(ctx, stream)
+        finally:
+            tls.finish()
+        await tls.judge_silence()
 
 
 class UpstreamMode(RegularMode):
@@ -175,20 +148,27 @@ class Socks5Mode(Mode):
             ctx.error("socks5", f"SOCKS5 {name} to {address} is not supported (only CONNECT)",
                       address=address)
             return
+        client.unread(reader.buf)
+        await serve(ctx, client, Destination(req.host, req.port, SocksAnswer(client)))
+
+
+class SocksAnswer:
+    """SOCKS5's reply: success with the upstream socket's address, or the failure's code."""
+
+    def __init__(self, client: Stream):
+        self.client = client
+
+    def connected(self, up: Upstream) -> bool:
+        bound = up.sock.transport.get_extra_info("sockname") if up.sock.transport else None
         try:
-            up = await ctx.open_upstream(req.host, req.port)
-        except UpstreamError as e:
-            code = _REPLY_FOR.get(e.kind or "", socks5.GENERAL_FAILURE)
-            _write(client, socks5.reply(code))
-            ctx.error(e.stage, e.message, address=address)  # type: ignore[arg-type]
-            return
-        try:
-            bound = up.sock.transport.get_extra_info("sockname") if up.sock.transport else None
-            client.write(socks5.reply(socks5.SUCCEEDED, *(bound[:2] if bound else ())))
-            client.unread(reader.buf)
-            await Tunnel(ctx, client, up, req.host, req.port).run()
-        finally:
-            up.close()
+            self.client.write(socks5.reply(socks5.SUCCEEDED, *(bound[:2] if bound else ())))
+        except ConnectionError:
+            return False
+        return True
+
+    async def failed(self, err: UpstreamError) -> None:
+        _write(self.client, socks5.reply(_REPLY_FOR.get(err.kind or "",
+                                                        socks5.GENERAL_FAILURE)))
 
 
 _REPLY_FOR = {
@@ -240,79 +220,20 @@ class _Reader:
 
 
 class ReverseMode(Mode):
-    """Every client is served as if dumpproxy were the target's server."""
+    """Every client is served as if dumpproxy were the target's server: the destination
+    is the target (its scheme and name, whatever the client speaks), every request gets
+    the target's Host, and the client's Host is no decision candidate."""
+
+    def __init__(self, spec: ModeSpec, cfg: Config):
+        super().__init__(spec, cfg)
+        host, port, scheme = spec.host or "", spec.port or 0, spec.scheme or "http"
+        self.target = (host, port, scheme, authority(scheme, host, port).encode())
 
     async def serve(self, ctx: Context) -> None:
-        spec = self.spec
-        host, port = spec.host or "", spec.port or 0
-        try:
-            up = await ctx.open_upstream(host, port)
-        except UpstreamError as e:
-            ctx.error(e.stage, e.message, address=spec.address)  # type: ignore[arg-type]
-            _, peek = await peek_client(ctx.stream, ctx.cfg.peek_timeout)
-            if peek.kind == "http":
-                await answer_with_error(ctx, ctx.stream, e)
-            return
-        try:
-            await ReverseTunnel(ctx, ctx.stream, up, spec).run()
-        finally:
-            up.close()
-
-
-class ReverseTunnel(Tunnel):
-    """A reverse-mode connection: plain or TLS from the client, to the fixed target."""
-
-    def __init__(self, ctx: Context, client: SocketStream, up, spec: ModeSpec):
-        super().__init__(ctx, client, up, spec.host or "", spec.port or 0)
-        self.scheme = spec.scheme or "http"
-        host = spec.host or ""
-        shown = f"[{host}]" if ":" in host else host
-        self.authority = (shown if DEFAULT_PORTS[self.scheme] == self.port
-                          else join_host_port(host, self.port)).encode()
-
-    def candidates(self, peek: Peek) -> list[str]:
-        # The Host header is the client's idea of the target's name, rewritten anyway.
-        return candidates(self.host, self.port, ip=self.up.ip_host, sni=peek.sni)
-
-    async def serve_plain(self) -> None:
-        await self._http(self.client)
-
-    def _target(self) -> Target:
-        tls = (self.host, (HTTP1_ALPN,)) if self.scheme == "https" else None
-        return Target(self.scheme, self.host, self.port, self.up, tls, self.authority)
-
-    async def _http(self, client: Stream) -> None:
-        if self.scheme == "https" and self.up.tls is None:
-            try:
-                await self.up.start_tls(self.host, (HTTP1_ALPN,))
-            except UpstreamError as e:
-                self.ctx.error(e.stage, e.message, address=self.up.address)  # type: ignore
-                self.up.close()
-                await answer_with_error(self.ctx, client, e)
-                return
-        target = self._target()
-        try:
-            await serve_http1(self.ctx, client, target)
-        finally:
-            target.upstream.close()
-
-    async def upstream_tls(self, server_name: str, alpn: tuple[str, ...]) -> str | None:
-        """TLS to the target only when it is https: (plain http targets get the client's
-        decrypted requests); always under the target's own name."""
-        if self.scheme != "https":
-            return None
-        tls = await self.up.start_tls(self.host, alpn)
-        return tls.ssl.selected_alpn_protocol()
-
-    async def _bridge(self, ctls: TLSStream, server_name: str, offered: tuple) -> None:
-        if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
-            from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
-
-            bridge = H2Bridge(self.ctx, ctls, self.up, self.scheme, self.host)
-            bridge.authority = self.authority
-            await bridge.run()
-            return
-        await self._http(ctls)
+        host, port, scheme, authority = self.target
+        await serve(ctx, ctx.stream, Destination(
+            host, port, HttpAnswer(ctx, ctx.stream), scheme=scheme, authority=authority,
+            host_header=False))
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
@@ -345,6 +266,11 @@ class TransparentConnector(Connector):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.ports: set[int] = set()  #: local ports of our upstream sockets
+
+    def closed(self, up: Upstream) -> None:
+        local = up.sock.transport.get_extra_info("sockname") if up.sock.transport else None
+        if local:
+            self.ports.discard(local[1])
 
     async def tcp(self, host: str, port: int) -> SocketStream:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -397,18 +323,7 @@ class TransparentMode(Mode):
                       "dumpproxy's traffic from the redirect rule (e.g. iptables -m owner "
                       "! --uid-owner USER)", address=dst)
             return
-        try:
-            up = await ctx.open_upstream(host, port)
-        except UpstreamError as e:
-            ctx.error(e.stage, e.message, address=dst)  # type: ignore[arg-type]
-            return
-        mine = up.sock.transport.get_extra_info("sockname") if up.sock.transport else None
-        try:
-            await Tunnel(ctx, client, up, host, port).run()
-        finally:
-            up.close()
-            if mine:
-                self.loop_guard.ports.discard(mine[1])
+        await serve(ctx, client, Destination(host, port))
 
 
 MODE_CLASSES: dict[str, type[Mode]] = {

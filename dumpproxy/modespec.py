@@ -14,13 +14,12 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from dumpproxy.addresses import join_host_port, strip_brackets
+from dumpproxy.addresses import DEFAULT_PORTS, join_host_port, strip_brackets
 
 KINDS = ("regular", "upstream", "reverse", "socks5", "transparent")
 URL_KINDS = ("upstream", "reverse")
 MODES_HELP = "regular, upstream:URL, reverse:URL, socks5, transparent"
 _LISTEN = re.compile(r"(\[[^\]]*\]:|[^:\[\]@/]+:)?\d+")
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ModeError(ValueError):

@@ -4,6 +4,10 @@ A `Connector` is the one piece a mode swaps: it makes the TCP connection (direct
 regular mode) and holds the verified client-side TLS contexts. An `Upstream` is one open
 connection to a destination, with its `server_connect` / `server_disconnect` / `tls`
 events written through the emit function of the client connection that owns it.
+
+Each upstream has one owner, which alone closes it (`Context` in `context`): whoever uses
+an upstream hands it back with `release()` when done, saying whether it could carry
+another exchange.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import h11
-
 from dumpproxy.addresses import is_ip, join_host_port
 from dumpproxy.config import Config
+from dumpproxy.http1_wire import Wire
 from dumpproxy.schema import ServerConnect, ServerDisconnect
 from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
 
 Emit = Callable[[str, dict], object]
 TLSRequest = tuple[str, tuple[str, ...]]  # (server name, ALPN offer)
+Release = Callable[["Upstream", bool], None]  # the owner's: (connection, reusable)
 
 
 class UpstreamError(Exception):
@@ -130,7 +134,8 @@ def make_upstream_context(cfg: Config) -> ssl.SSLContext:
 class Connector:
     """Regular mode's way to a destination: a direct TCP connection, verified TLS.
 
-    A mode that reaches destinations differently (through another proxy) replaces `tcp`.
+    A mode that reaches destinations differently replaces `dial` (through another proxy)
+    or `tcp` (from a socket of its own), and may follow its connections' end (`closed`).
     """
 
     def __init__(self, cfg: Config):
@@ -154,13 +159,16 @@ class Connector:
             self._contexts[alpn] = ctx
         return ctx
 
-    async def open(self, emit: Emit, host: str, port: int, tls: TLSRequest | None = None,
-                   on_close: Callable[[Upstream], None] | None = None,
-                   forward: bool = False) -> Upstream:
-        """Connect (and with tls, handshake) to host:port; events go through emit."""
+    def closed(self, up: Upstream) -> None:
+        """One of this connector's connections was closed."""
+
+    async def open(self, emit: Emit, host: str, port: int, owner: Release,
+                   tls: TLSRequest | None = None, forward: bool = False) -> Upstream:
+        """Connect (and with tls, handshake) to host:port; events go through emit. The
+        owner is told when the connection is released."""
         started = time.monotonic()
         dialed = await self.dial(host, port, forward)
-        up = Upstream(self, emit, dialed.sock, host, port, on_close, dialed)
+        up = Upstream(self, emit, dialed.sock, host, port, owner, dialed)
         fields = ServerConnect(address=up.address, ip=up.ip,
                                connect_ms=round((time.monotonic() - started) * 1000, 3))
         if dialed.via is not None:
@@ -170,7 +178,7 @@ class Connector:
             try:
                 await up.start_tls(*tls)
             except UpstreamError:
-                up.close()
+                up.close()  # never handed out: still ours to close
                 raise
         return up
 
@@ -179,8 +187,7 @@ class Upstream:
     """One connection to a destination, owned by a client connection."""
 
     def __init__(self, connector: Connector, emit: Emit, sock: SocketStream, host: str,
-                 port: int, on_close: Callable[[Upstream], None] | None = None,
-                 dialed: Dialed | None = None):
+                 port: int, owner: Release | None = None, dialed: Dialed | None = None):
         self.connector = connector
         self.emit = emit
         self.sock = sock
@@ -197,9 +204,9 @@ class Upstream:
         self.absolute_form = bool(dialed and dialed.absolute_form)
         self.proxy_headers = list(dialed.proxy_headers) if dialed else []
         self.tls: TLSStream | None = None
-        self.h: h11.Connection | None = None  # the HTTP/1 client state, set by the bridge
+        self.wire: Wire | None = None  # the HTTP/1 client state, set by the bridge
         self.closed = False
-        self._on_close = on_close
+        self._owner = owner
 
     async def start_tls(self, server_name: str, alpn: tuple[str, ...]) -> TLSStream:
         """Client-side TLS with the destination, verified per configuration."""
@@ -223,15 +230,23 @@ class Upstream:
     def reusable(self) -> bool:
         return not self.closed and not self.sock.at_eof
 
+    def release(self, reusable: bool = False) -> None:
+        """Done with this connection: back to its owner (reusable: it could carry another
+        exchange). The user must not touch it afterwards."""
+        if self._owner is not None:
+            self._owner(self, reusable)
+        else:
+            self.close()
+
     def close(self) -> None:
+        """Close the connection: for its owner only (everyone else releases it)."""
         if self.closed:
             return
         self.closed = True
         if self.tls is not None and self.sock.ended is None:
             self.tls.write_eof()  # close_notify before FIN: an orderly TLS close
+        self.connector.closed(self)
         self.sock.close()
-        if self._on_close is not None:
-            self._on_close(self)
         self.emit("server_disconnect", ServerDisconnect(
             address=self.address, ip=self.ip, bytes_sent=self.sock.bytes_out,
             bytes_received=self.sock.bytes_in, how=self.sock.ended or "proxy_closed"))

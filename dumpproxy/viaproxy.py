@@ -13,10 +13,10 @@ import base64
 import ssl
 import time
 
-import h11
-
+from dumpproxy import http1_wire as wire
 from dumpproxy.addresses import join_host_port
 from dumpproxy.config import Config
+from dumpproxy.http1_wire import Wire
 from dumpproxy.modespec import ModeSpec
 from dumpproxy.streams import SocketStream, Stream, StreamTimeout, TLSStream
 from dumpproxy.upstream import Connector, Dialed, UpstreamError, describe_tls_error, tcp_connect
@@ -68,40 +68,33 @@ class ProxyConnector(Connector):
     async def _connect(self, stream: Stream, host: str, port: int) -> None:
         """CONNECT host:port through the upstream proxy; returns once it answered 2xx."""
         target = join_host_port(host, port).encode()
-        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_CONNECT_HEAD)
+        h = Wire("client", MAX_CONNECT_HEAD)
         try:
-            stream.write(h.send(h11.Request(method=b"CONNECT", target=target,
-                                            headers=[(b"Host", target), *self.auth])))
+            h.send(stream, wire.Request(method=b"CONNECT", target=target,
+                                        headers=[(b"Host", target), *self.auth]))
             await stream.drain()
         except ConnectionError as e:
             raise self._fail(f"connection lost: {e}") from None
         deadline = time.monotonic() + self.cfg.connect_timeout
         while True:
             try:
-                ev = h.next_event()
-            except h11.RemoteProtocolError as e:
+                ev = await h.read_event(stream, deadline - time.monotonic())
+            except wire.RemoteProtocolError as e:
                 raise self._fail(f"malformed answer to CONNECT {target.decode()}: {e}") from None
-            if ev is h11.NEED_DATA:
-                left = deadline - time.monotonic()
-                try:
-                    if left <= 0:
-                        raise StreamTimeout()
-                    h.receive_data(await stream.read(left))
-                except StreamTimeout:
-                    raise self._fail(f"no answer to CONNECT {target.decode()} within "
-                                     f"{self.cfg.connect_timeout:g} s", 504, "timeout") from None
-                except ConnectionError as e:
-                    raise self._fail(f"connection lost: {e}") from None
+            except StreamTimeout:
+                raise self._fail(f"no answer to CONNECT {target.decode()} within "
+                                 f"{self.cfg.connect_timeout:g} s", 504, "timeout") from None
+            except ConnectionError as e:
+                raise self._fail(f"connection lost: {e}") from None
+            if type(ev) is wire.InformationalResponse:
                 continue
-            if type(ev) is h11.InformationalResponse:
-                continue
-            if type(ev) is h11.Response:
+            if type(ev) is wire.Response:
                 break
             raise self._fail(f"closed the connection instead of answering CONNECT "
                              f"{target.decode()}")
         status, reason = ev.status_code, ev.reason.decode("latin-1")
         if 200 <= status < 300:
-            stream.unread(h.trailing_data[0])
+            stream.unread(h.trailing)
             return
         if status in (401, 407):  # tinyproxy answers a CONNECT with bad credentials 401
             hint = ("wrong credentials in the URL" if self.auth else

@@ -767,7 +767,7 @@ def test_connect_is_handed_back() -> None:
         assert isinstance(connect, Connect)
         assert (connect.request.method, connect.request.target) == (
             b"CONNECT", b"example.test:443")
-        assert connect.h.trailing_data[0] == b"\x16\x03\x01"
+        assert connect.h.trailing == b"\x16\x03\x01"
         assert rig.connector.connects == [] and rig.events == []  # the tunnel's business
         assert not client.at_eof  # the connection stays open for the tunnel
 
