@@ -15,7 +15,7 @@ from dumpproxy.context import Context
 from dumpproxy.http1_server import Connect, serve_http1
 from dumpproxy.http1_wire import Wire, answer_error
 from dumpproxy.streams import Stream
-from dumpproxy.tunnel import Destination, serve
+from dumpproxy.tunnel import Destination
 from dumpproxy.upstream import Upstream, UpstreamError
 
 
@@ -39,14 +39,13 @@ class ConnectAnswer:
         answer_error(self.h, self.client, err.status, err.message)
 
 
-async def serve_explicit(ctx: Context, client: Stream) -> None:
-    """Serve the explicit proxy on this client stream until it closes or tunnels."""
+async def serve_explicit(ctx: Context, client: Stream) -> Destination | None:
+    """Serve the explicit proxy on this client stream until it closes, or until a CONNECT
+    names the destination of a tunnel (returned, for the shared path)."""
     connect = await serve_http1(ctx, client, None)
     if connect is None:
-        return
-    dest = connect_destination(ctx, client, connect)
-    if dest is not None:
-        await serve(ctx, client, dest)
+        return None
+    return connect_destination(ctx, client, connect)
 
 
 def connect_destination(ctx: Context, client: Stream, connect: Connect) -> Destination | None:

@@ -62,7 +62,9 @@ class RegularMode(Mode):
             return
         client.unread(first)
         if first[0] != TLS_HANDSHAKE:
-            await serve_explicit(ctx, client)
+            dest = await serve_explicit(ctx, client)
+            if dest is not None:
+                await serve(ctx, client, dest)
             return
         # TLS to the proxy itself ("secure web proxy"), the proxy protocol inside
         _, peek = await peek_client(client, ctx.cfg.peek_timeout)
@@ -77,7 +79,9 @@ class RegularMode(Mode):
             return
         tls.serving()
         try:
-            await serve_explicit(ctx, stream)
+            dest = await serve_explicit(ctx, stream)
+            if dest is not None:
+                await serve(ctx, stream, dest)
         finally:
             tls.finish()
         await tls.judge_silence()

@@ -1,0 +1,109 @@
+"""HTTP/2 connections as the bridge uses them: h2's state machine with our settings, patched
+where h2's own choice would cost the bridge, and guarded against garbage frame headers.
+
+Every use of h2's private API is in this module, so that an h2 upgrade breaks here and
+nowhere else:
+- a graceful GOAWAY (NO_ERROR) received leaves the connection open (h2 closes it, and the
+  frames of the streams the peer still finishes become protocol errors);
+- a client stream over our MAX_CONCURRENT_STREAMS is refused on its own with
+  REFUSED_STREAM (RFC 9113 5.1.2; h2 makes it a connection error, losing the legal
+  requests that came in the same read);
+- a frame header announcing more than the maximum frame size is refused at once (h2
+  waits until the whole frame is buffered);
+- DATA frames are not hex-dumped for a debug string nobody reads.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+from h2.connection import _decode_headers  # the HPACK step h2 itself uses
+from h2.stream import StreamClosedBy
+
+STREAM_WINDOW = 1024 * 1024  # per-stream receive window we grant
+CONNECTION_WINDOW = 4 * 1024 * 1024  # and per connection: the most we ever buffer
+MAX_STREAMS = 128
+
+# h2 formats repr(frame) for every frame it receives, even with logging off
+# (H2Connection._receive_frame); for DATA that serializes and hex-encodes the whole
+# payload. A summary keeps that cost independent of the payload size.
+hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"  # type: ignore
+
+
+class Connection(h2.connection.H2Connection):
+    """h2 closes its state machine on any GOAWAY received, after which the frames of the
+    streams the peer still finishes are protocol errors. A graceful GOAWAY (NO_ERROR)
+    leaves the connection open here; the bridge opens no new stream on it."""
+
+    def _receive_goaway_frame(self, frame):
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        ev = h2.events.ConnectionTerminated()
+        ev.error_code = h2.errors.ErrorCodes.NO_ERROR
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+    @property
+    def closed(self) -> bool:
+        """GOAWAY sent or a fatal error: nothing more is received or sent."""
+        return self.state_machine.state is h2.connection.ConnectionState.CLOSED
+
+    def receive(self, data: bytes) -> list:
+        """h2's events for these bytes; a frame header over the size limit is refused at
+        once (RFC 9113 4.2: FRAME_SIZE_ERROR) instead of waiting for megabytes."""
+        events = self.receive_data(data)
+        buf = self.incoming_buffer
+        pending = getattr(buf, "_data", None)
+        if pending is None:
+            pending = getattr(buf, "data", b"")
+        if len(pending) >= 3:
+            length = int.from_bytes(pending[:3], "big")
+            if length > self.max_inbound_frame_size:
+                self.close_connection(error_code=h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+                raise h2.exceptions.FrameTooLargeError(
+                    f"frame of {length} bytes, more than the maximum "
+                    f"{self.max_inbound_frame_size}")
+        return events
+
+
+class ClientFacing(Connection):
+    """The client-facing connection: a stream over our MAX_CONCURRENT_STREAMS is refused
+    on its own (RST_STREAM REFUSED_STREAM, RFC 9113 5.1.2). h2 makes it a connection error,
+    and the requests that came in the same read within the limit would be lost with it."""
+
+    def _receive_headers_frame(self, frame):  # type: ignore[override]
+        sid = frame.stream_id
+        if (sid not in self.streams and sid % 2 == 1 and sid > self.highest_inbound_stream_id
+                and self.open_inbound_streams >= self.local_settings.max_concurrent_streams):
+            _decode_headers(self.decoder, frame.data)  # HPACK state must stay in step
+            self.highest_inbound_stream_id = sid
+            self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM  # its DATA: reset too
+            refuse = hyperframe.frame.RstStreamFrame(sid)
+            refuse.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+            return [refuse], []
+        return super()._receive_headers_frame(frame)
+
+
+def new_connection(client_side: bool) -> Connection:
+    """A connection with our settings, its preface and window update queued: towards an
+    origin (client_side) or facing a client."""
+    config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                       validate_inbound_headers=True)
+    conn = (Connection if client_side else ClientFacing)(config=config)
+    conn.local_settings = h2.settings.Settings(
+        client=client_side,
+        initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+    return conn
