@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 
 from dumpproxy import headers as hdr
 from dumpproxy import http1_wire as wire
@@ -39,14 +40,12 @@ class BadResponse(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
 class _Blame:
     """`with TO_CLIENT:` turns a transport failure into the exception naming that side
     (httpcore's map_exceptions, as a cheap class: it wraps every chunk)."""
 
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: type[PeerGone]):
-        self.exc = exc
+    exc: type[PeerGone]
 
     def __enter__(self) -> None:
         return None

@@ -3,6 +3,10 @@ proxy authentication on each. Loopback only."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import time
+
 import pytest
 from conftest import curl
 from test_cli_docs import CHECKOUT, MODES, SHELLS, complete, names
@@ -46,6 +50,72 @@ def test_secure_web_proxy_client_distrusting_the_ca(dumpproxy, origin):
     assert err["stage"] == "client_tls"
     assert "secure web proxy" in err["message"] and "--print-ca" in err["message"]
     assert not origin.requests
+
+
+# --- spare connections to the secure web proxy (browsers open them, then drop them) ------
+
+
+def proxy_tls_drop_mid_handshake(port: int) -> None:
+    """TLS to the proxy itself: ClientHello, read the proxy's flight, close without an
+    alert (a browser's spare connection; also how Node rejects a certificate)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.create_default_context().wrap_bio(incoming, outgoing,
+                                                server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    sock.sendall(outgoing.read())
+    assert sock.recv(65536)  # the proxy's flight, with its certificate
+    sock.close()
+
+
+def proxy_tls_unused(port: int, ca: str) -> None:
+    """A complete handshake with the proxy, then close without a request."""
+    ctx = ssl.create_default_context(cafile=ca)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=15),
+                         server_hostname="127.0.0.1"):
+        pass
+
+
+def settled(p, connections: int) -> list[dict]:
+    p.wait_for(lambda e: e["event"] == "client_disconnect", count=connections, timeout=20)
+    time.sleep(1.5)  # past the sibling wait: an error would be written by now
+    return p.events
+
+
+def through_secure_proxy(p, ca: str, url: str) -> None:
+    r = curl("-x", f"https://127.0.0.1:{p.port}", "--proxy-cacert", ca, url)
+    assert r.returncode == 0 and r.stdout == b"hello\n", r.stderr
+
+
+def test_secure_web_proxy_spare_dropped_beside_a_working_connection_is_no_error(
+        dumpproxy, origin):
+    p = dumpproxy()
+    ca = p.events[0]["ca_cert"]
+    through_secure_proxy(p, ca, origin.url())  # a sibling that trusted the CA
+    for _ in range(3):
+        proxy_tls_drop_mid_handshake(p.port)
+    proxy_tls_unused(p.port, ca)  # and one never used
+    events = settled(p, connections=5)
+    assert not [e for e in events if e["event"] == "error"]
+    assert [e["status"] for e in events if e["event"] == "response"] == [200]
+
+
+def test_secure_web_proxy_lone_drop_mid_handshake_gets_the_hint(dumpproxy):
+    p = dumpproxy()
+    proxy_tls_drop_mid_handshake(p.port)
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "client_tls" and err["address"] == f"127.0.0.1:{p.port}"
+    assert err["message"].startswith("secure web proxy: ") and "--print-ca" in err["message"]
+
+
+def test_secure_web_proxy_lone_unused_connection_gets_the_hint(dumpproxy):
+    p = dumpproxy()
+    proxy_tls_unused(p.port, p.events[0]["ca_cert"])
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "client_tls"
+    assert err["message"].startswith("secure web proxy: the client closed the connection "
+                                     "right after the TLS handshake"), err
 
 
 def test_basic_auth_on_secure_web_proxy(dumpproxy, origin):
