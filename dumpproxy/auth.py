@@ -1,7 +1,7 @@
 """Proxy authentication (pure): checking the credentials a client presents.
 
-HTTP Basic in `Proxy-Authorization` today; SOCKS5's user/pass (RFC 1929) will check the
-same USER:PASS through `check_user_pass`.
+HTTP Basic in `Proxy-Authorization` (`check_basic`) and SOCKS5's user/pass (RFC 1929,
+`check_user_pass`) are checked against the same `--proxyauth USER:PASS`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ import enum
 import importlib
 import pkgutil
 
-import dumpproxy
 from conftest import ROOT
+
+import dumpproxy
 
 MUTATORS = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem",
             "remove", "discard", "clear", "sort", "reverse", "__setitem__", "__delitem__"}
