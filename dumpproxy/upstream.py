@@ -187,7 +187,7 @@ class Upstream:
     """One connection to a destination, owned by a client connection."""
 
     def __init__(self, connector: Connector, emit: Emit, sock: SocketStream, host: str,
-                 port: int, owner: Release | None = None, dialed: Dialed | None = None):
+                 port: int, owner: Release, dialed: Dialed | None = None):
         self.connector = connector
         self.emit = emit
         self.sock = sock
@@ -232,11 +232,8 @@ class Upstream:
 
     def release(self, reusable: bool = False) -> None:
         """Done with this connection: back to its owner (reusable: it could carry another
-        exchange). The user must not touch it afterwards."""
-        if self._owner is not None:
-            self._owner(self, reusable)
-        else:
-            self.close()
+        exchange). The user must not touch it afterwards; releasing again does nothing."""
+        self._owner(self, reusable)
 
     def close(self) -> None:
         """Close the connection: for its owner only (everyone else releases it)."""
