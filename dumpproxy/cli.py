@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connecting (TCP and TLS) to the destination (default: 30)")
     w.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float, default=600.0,
                    help="no byte either way in a tunnel or body stream (default: 600)")
+    w.add_argument("--shutdown-grace", metavar="SECONDS", type=_non_negative_float,
+                   default=5.0, help="on SIGINT/SIGTERM (or when CMD exits), how long "
+                                     "exchanges in flight may finish (default: 5)")
     t = p.add_argument_group("TLS")
     t.add_argument("--ca-dir", metavar="DIR", default=None,
                    help="where the CA lives (default: $DUMPPROXY_HOME, else "
@@ -181,6 +184,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (seconds >= 0)")
+    return value
+
+
 def _fail(message: str, status: int = EXIT_USAGE) -> int:
     print(f"dumpproxy: error: {message}", file=sys.stderr)
     return status
@@ -231,6 +244,7 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         response_timeout=args.response_timeout,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
+        shutdown_grace=args.shutdown_grace,
         ca_dir=args.ca_dir or default_ca_dir(),
         ssl_insecure=args.ssl_insecure,
         upstream_ca=args.upstream_ca,

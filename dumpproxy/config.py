@@ -33,3 +33,5 @@ class Config:
     response_timeout: float = 60.0  # the response head from the destination
     connect_timeout: float = 30.0  # TCP (and TLS) to the destination
     idle_timeout: float = 600.0  # no byte either way in a tunnel or body stream
+    # SPEC §9.1: after SIGINT/SIGTERM (or CMD's exit), exchanges in flight may finish
+    shutdown_grace: float = 5.0

@@ -170,9 +170,10 @@ class SocksAnswer:
             return False
         return True
 
-    async def failed(self, err: UpstreamError) -> None:
+    async def failed(self, err: UpstreamError, dest: Destination) -> bool:
         _write(self.client, socks5.reply(_REPLY_FOR.get(err.kind or "",
                                                         socks5.GENERAL_FAILURE)))
+        return False
 
 
 _REPLY_FOR = {
@@ -236,8 +237,8 @@ class ReverseMode(Mode):
     async def serve(self, ctx: Context) -> None:
         host, port, scheme, authority = self.target
         await serve(ctx, ctx.stream, Destination(
-            host, port, HttpAnswer(ctx, ctx.stream), scheme=scheme, authority=authority,
-            host_header=False))
+            host, port, HttpAnswer(ctx, ctx.stream, scheme, authority), scheme=scheme,
+            authority=authority, host_header=False))
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h

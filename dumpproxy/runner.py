@@ -37,7 +37,7 @@ from dumpproxy.status import (
     cannot_run,
 )
 
-WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
+NO_GRACE = 0.0  # the events of what is still in flight could not be written anyway
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
           "GIT_SSL_CAINFO")
 
@@ -221,18 +221,28 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     # (one handler throughout: a signal read just before CMD started may run it just after)
     early: list[int] = []
     wrapped: list[asyncio.subprocess.Process] = []
+    hurried: list[int] = []  # a signal that came while stopping: cut everything now
+
+    def hurry(sig: int) -> None:
+        hurried.append(sig)
+        proxy.hurry()
+
+    def on_signal(sig: int) -> None:
+        if stop.is_set():
+            hurry(sig)
+        else:
+            trigger(signal.Signals(sig).name)
 
     def on_wrap_signal(sig: int) -> None:
-        if wrapped:
-            _forward_signal(wrapped[0], sig)
-        else:
+        if not wrapped:
             early.append(sig)
+        elif wrapped[0].returncode is None:
+            _forward_signal(wrapped[0], sig)
+        else:  # CMD is done and its exchanges are finishing
+            hurry(sig)
 
     for sig in STOP_SIGNALS:
-        if command is None:
-            loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
-        else:
-            loop.add_signal_handler(sig, on_wrap_signal, sig)
+        loop.add_signal_handler(sig, on_signal if command is None else on_wrap_signal, sig)
     try:
         await proxy.start()
     except OSError as e:
@@ -262,10 +272,21 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     # connection).
     gc.freeze()
 
+    def grace(why: str) -> float:
+        """Exchanges in flight may finish, unless their events could not be written."""
+        if why in (REASON_OUTPUT_CLOSED, REASON_OUTPUT_FAILED):
+            return NO_GRACE
+        return cfg.shutdown_grace
+
+    def status(otherwise: int) -> int:
+        if writer.failure is not None:
+            return EXIT_RUNTIME
+        return EXIT_SIGNAL_BASE + hurried[0] if hurried else otherwise
+
     if command is None:
         await stop.wait()
-        await proxy.stop(reason[0])
-        return EXIT_RUNTIME if writer.failure is not None else EXIT_OK
+        await proxy.stop(reason[0], grace(reason[0]))
+        return status(EXIT_OK)
 
     bundle = write_bundle(ca)
     wgetrc = None
@@ -298,8 +319,9 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             _forward_signal(child, signal.SIGTERM)
         code = await waiter
         stopper.cancel()
-        await proxy.stop(reason[0] if reason else REASON_COMMAND_EXITED, grace=WRAP_GRACE)
-        return EXIT_RUNTIME if writer.failure is not None else _status(code)
+        why = reason[0] if reason else REASON_COMMAND_EXITED
+        await proxy.stop(why, grace(why))
+        return status(_status(code))
     finally:
         os.unlink(bundle)
         if wgetrc is not None:

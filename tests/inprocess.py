@@ -23,7 +23,7 @@ import h2.events
 import h2.settings
 import hyperframe.frame
 import orjson
-from conftest import SCHEMA_CHECK
+from conftest import FLOW_CHECK, SCHEMA_CHECK, FlowCheck
 from memstream import MemStream, pipe
 
 from dumpproxy.addresses import join_host_port
@@ -45,9 +45,19 @@ T = TypeVar("T")
 Origin = Callable[[MemStream], Awaitable[Any]]
 
 
+RECORDERS: list[Recorder] = []  # of the test running now: judged when it ends
+
+
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """One test's coroutine in a fresh event loop; a hang fails instead of blocking."""
-    return asyncio.run(asyncio.wait_for(main(), TIME_LIMIT))
+    """One test's coroutine in a fresh event loop; a hang fails instead of blocking. Then,
+    as at a proxy's shutdown, every request its rigs recorded must have its response."""
+    RECORDERS.clear()
+    try:
+        return asyncio.run(asyncio.wait_for(main(), TIME_LIMIT))
+    finally:
+        for recorder in RECORDERS:
+            FLOW_CHECK.judge(recorder.flows)
+        RECORDERS.clear()
 
 
 async def settle(rounds: int = 200) -> None:
@@ -66,9 +76,12 @@ class Recorder(EventWriter):
     def __init__(self) -> None:
         super().__init__(-1)  # no descriptor (set_blocking's EBADF is ignored); never flushed
         self.events: list[dict] = []
+        self.flows = FlowCheck()
+        RECORDERS.append(self)
 
     def write(self, ev: dict) -> None:
         self.events.append(SCHEMA_CHECK.check(orjson.loads(orjson.dumps(ev))))
+        self.flows.feed(self.events[-1], FLOW_CHECK)
 
 
 class MemConnector(Connector):

@@ -327,11 +327,14 @@ def test_origin_closes_mid_body() -> None:
         assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\npart")
         assert reset
         assert rig.kinds() == ["server_connect", "decision", "request", "server_disconnect",
-                               "error"]
-        err = rig.events[-1]
+                               "error", "response"]
+        err, resp = rig.events[-2:]
         assert (err["stage"], err["flow"], err["address"]) == ("upstream", 1, "example.test:80")
         assert err["message"] == ("example.test:80 closed the connection: connection closed "
                                   "before the response ended")
+        # the exchange is in the record, cut by the origin, with what got through
+        assert (resp["flow"], resp["status"], resp["aborted"], resp["response_bytes"]) == (
+            1, 200, "server", 4)
 
     run(main)
 
@@ -358,10 +361,14 @@ def test_malformed_response_head() -> None:
         [req] = await rig.origins()
         assert req.head.target == b"/bad"
         assert rig.kinds() == ["server_connect", "decision", "request", "server_disconnect",
-                               "error"]
-        err = rig.events[-1]
+                               "error", "response"]
+        err, answered = rig.events[-2:]
         assert (err["stage"], err["flow"], err["address"]) == ("upstream", 1, "example.test:80")
         assert err["message"] == resp.body.decode().rstrip("\n")  # what the client was told
+        # dumpproxy's own answer is the exchange's response, as the client got it
+        assert (answered["flow"], answered["status"], answered["response_bytes"]) == (
+            1, 502, len(resp.body))
+        assert "aborted" not in answered
 
     run(main)
 
@@ -425,12 +432,12 @@ def test_client_gone_mid_upload(framing: str) -> None:
     async def main() -> None:
         rig, msg, outcome = await client_gone_mid_upload(framing)
         assert (msg.head.target, msg.body, outcome) == (b"/up", b"x" * 10, "cut")
+        # the client's own doing: no error, the exchange cut by the client
         assert rig.kinds() == ["server_connect", "decision", "request", "server_disconnect",
-                               "error"]
-        err = rig.events[-1]
-        assert (err["stage"], err["flow"], err["address"]) == ("client", 1, "example.test:80")
-        assert err["message"].startswith("client connection lost: ")
-        assert rig.of("response") == []
+                               "response"]
+        resp = rig.events[-1]
+        assert (resp["flow"], resp["status"], resp["aborted"]) == (1, 0, "client")
+        assert resp["request_bytes"] == 10
 
     run(main)
 
@@ -438,9 +445,8 @@ def test_client_gone_mid_upload(framing: str) -> None:
 def test_client_gone_mid_upload_is_not_called_malformed() -> None:
     async def main() -> None:
         rig, _, _ = await client_gone_mid_upload("content-length")
-        err = rig.events[-1]
-        assert err["stage"] == "client"
-        assert err["message"] == "client connection lost: closed before the request body ended"
+        assert not rig.of("error")  # a departure, not a malformed body
+        assert rig.events[-1]["aborted"] == "client"
 
     run(main)
 
@@ -599,11 +605,14 @@ def test_content_length_with_transfer_encoding_is_refused() -> None:
         assert resp.status == 400
         assert resp.body == b"request has both Content-Length and Transfer-Encoding\n"
         assert rig.connector.connects == []  # refused before any upstream
-        assert rig.kinds() == ["error"]
-        err = rig.events[0]
+        # a request that can be named is in the record, with the answer it got
+        assert rig.kinds() == ["request", "error", "response"]
+        req, err, answered = rig.events
         assert (err["stage"], err["message"]) == (
             "http", "request has both Content-Length and Transfer-Encoding")
-        assert "flow" not in err
+        assert err["flow"] == req["flow"] == answered["flow"] == 1
+        assert (req["method"], req["url"]) == ("POST", "http://example.test/")
+        assert (answered["status"], answered["response_bytes"]) == (400, len(resp.body))
 
     run(main)
 
@@ -623,9 +632,11 @@ def test_proxy_authentication() -> None:
             assert resp.status == 407 and not reset
             assert resp.headers["proxy-authenticate"] == 'Basic realm="dumpproxy"'
         assert rig.connector.connects == []
-        assert rig.kinds() == ["error", "error"]
-        assert {(e["stage"], e["message"]) for e in rig.events} == {
+        assert rig.kinds() == ["request", "error", "response"] * 2
+        assert {(e["stage"], e["message"]) for e in rig.of("error")} == {
             ("auth", "proxy authentication required")}
+        assert [e["status"] for e in rig.of("response")] == [407, 407]
+        assert [e["flow"] for e in rig.of("error")] == [1, 2]
 
         client, serving = rig.start()
         c = H1(client, h11.CLIENT)
@@ -636,7 +647,7 @@ def test_proxy_authentication() -> None:
         assert resp is not None and resp.status == 200
         [[req]] = await rig.origins()
         assert "proxy-authorization" not in req.headers  # the credentials stop here
-        [ev] = rig.of("request")
+        ev = rig.of("request")[-1]
         assert ev["conn"] == 3
         assert ev["headers"]["proxy-authorization"] == "Basic <redacted>"
 
@@ -781,10 +792,10 @@ def test_h2_client_resets_a_stream() -> None:
         [seen] = await rig.origins()
         assert seen[1].reset == h2.errors.ErrorCodes.CANCEL
         assert not seen[1].body
-        assert rig.kinds() == ["server_connect", "request", "error", "server_disconnect"]
-        err = rig.of("error")[0]
-        assert (err["stage"], err["message"]) == ("http2", "client reset the stream (CANCEL)")
-        assert (err["flow"], err["address"]) == (1, "example.test:443")
+        # a client's cancel is orderly: no error, the exchange cut by the client
+        assert rig.kinds() == ["server_connect", "request", "response", "server_disconnect"]
+        resp = rig.of("response")[0]
+        assert (resp["flow"], resp["status"], resp["aborted"]) == (1, 0, "client")
 
     run(main)
 
