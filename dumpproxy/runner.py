@@ -36,6 +36,7 @@ from dumpproxy.status import (
     STOP_SIGNALS,
     cannot_run,
 )
+from dumpproxy.wrapenv import RuntimeFiles, prepare
 
 WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
@@ -269,6 +270,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
 
     bundle = write_bundle(ca)
     wgetrc = None
+    runtimes = RuntimeFiles()
     try:
         # the first regular or upstream listener, if any (other modes: CMD names the
         # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
@@ -276,9 +278,11 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
                            if m.spec.kind in ("regular", "upstream")), None)
         wgetrc = write_wgetrc(http_proxy, bundle)
         env = wrap_env(http_proxy, bundle, wgetrc)
-        note = no_proxy_note(env)
-        if note and cfg.verbosity >= 0:
-            print(note, file=sys.stderr)
+        command, notes = prepare(runtimes, command, env, http_proxy, bundle, ca.pem,
+                                 cfg.browser_flags)
+        for note in [no_proxy_note(env), *notes]:
+            if note and cfg.verbosity >= 0:
+                print(note, file=sys.stderr)
         try:
             child = await asyncio.create_subprocess_exec(
                 *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),
@@ -304,6 +308,7 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         os.unlink(bundle)
         if wgetrc is not None:
             os.unlink(wgetrc)
+        runtimes.close()
 
 
 def _forward_signal(child: asyncio.subprocess.Process, sig: int) -> None:
