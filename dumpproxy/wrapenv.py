@@ -95,8 +95,10 @@ def java_non_proxy_hosts(no_proxy: list[str]) -> str:
     loopback past the proxy, which no other client in wrap mode does."""
     out = []
     for entry in no_proxy:
-        host = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
-        host = host.strip("[]")
+        if entry.startswith("[") and "]" in entry:  # [v6]:port: Java writes [v6] too
+            host = entry[:entry.index("]") + 1]
+        else:
+            host = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
         out.append("*" + host if host.startswith(".") else host)
     return "|".join(out)
 

@@ -26,6 +26,8 @@ from realorigins import HOSTS, Nginx
 from test_cli_docs import macro_text, man_section
 from test_clients import assert_quiet, spki_pin, which
 
+from dumpproxy.wrapenv import browser_command, is_browser, java_non_proxy_hosts
+
 CLIENTS = ROOT / "tests" / "clients"
 WRAP_CLIENTS = CLIENTS / "wrap"
 RESOLVE = {name: "127.0.0.1" for name in HOSTS}
@@ -165,6 +167,42 @@ def test_node_without_the_preload_goes_direct(dumpproxy, pki, nginx, tmp_path):
     code = finished(p)
     assert code == 0, p.stderr  # reached nginx directly (the bundle trusts the origin CA)
     assert not p.of("client_connect"), p.lines
+
+
+def test_node_preload_keeps_no_proxy(dumpproxy, pki, nginx, tmp_path):
+    """NO_PROXY hosts go direct with the preload too, for fetch and https alike."""
+    for client in ("fetch.mjs", "https.js"):
+        p = wrap(dumpproxy, pki, "--", which("node"), str(WRAP_CLIENTS / client),
+                 nginx.url("/hello.txt"), nginx.url("/hello.txt", host="cdn.test"),
+                 env={"NO_PROXY": "cdn.test"})
+        assert finished(p) == 0, p.stderr
+        assert p.stderr.decode().endswith("200 hello\n200 hello\n"), p.stderr
+        assert [e["address"].split(":")[0] for e in p.of("decision")] == ["app.test"]
+
+
+def test_java_non_proxy_hosts():
+    assert java_non_proxy_hosts([]) == ""
+    assert java_non_proxy_hosts(["example.com", ".internal", "*.corp", "10.0.0.1:8080",
+                                 "[::1]:80", "*"]) == (
+        "example.com|*.internal|*.corp|10.0.0.1|[::1]|*")
+
+
+def test_browser_command_keeps_the_users_choices():
+    cmd = ["/opt/google/chrome/google-chrome", "--proxy-server=socks5://127.0.0.1:1080",
+           "--ignore-certificate-errors-spki-list=AAA", "https://example.com/"]
+    assert is_browser(cmd) and not is_browser(["chromium-ish"])
+    assert browser_command(cmd, "http://127.0.0.1:1", "PIN", ["x.test"]) == [
+        cmd[0], cmd[1], "--ignore-certificate-errors-spki-list=AAA,PIN", cmd[3]]
+    cmd = ["chromium", "--proxy-bypass-list=*.test", "about:blank"]
+    assert browser_command(cmd, "http://127.0.0.1:1", "PIN", ["x.test"]) == [
+        "chromium", "--proxy-server=http://127.0.0.1:1",
+        "--ignore-certificate-errors-spki-list=PIN", *cmd[1:]]
+    assert browser_command(["chromium"], "http://127.0.0.1:1", "PIN", ["a.test", ".b"]) == [
+        "chromium", "--proxy-server=http://127.0.0.1:1",
+        "--proxy-bypass-list=<-loopback>;a.test;.b", "--ignore-certificate-errors-spki-list=PIN"]
+    # --isolate: no proxy to name, the pin only
+    assert browser_command(["chromium"], None, "PIN", []) == [
+        "chromium", "--ignore-certificate-errors-spki-list=PIN"]
 
 
 # --- Chromium ------------------------------------------------------------------------------
