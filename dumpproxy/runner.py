@@ -258,6 +258,8 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         print(f"dumpproxy: error: {listen_error(where, e)}", file=sys.stderr)
         return EXIT_RUNTIME
     if writer.failure is not None:  # not even `listening` could be written
+        if isolation is not None:
+            isolation.close()
         await proxy.stop(REASON_OUTPUT_FAILED)
         return EXIT_RUNTIME
     for mode in proxy.modes:  # open proxies (reverse and transparent are no proxy to use)
