@@ -27,6 +27,8 @@ _dumpproxy_options='
     --print-ca
     -k --ssl-insecure
     --upstream-ca
+    --isolate
+    --no-browser-flags
     --bodies
     --max-body-bytes
     --no-redact

@@ -56,6 +56,8 @@ complete -c dumpproxy $opts -l ca-dir -x -a '(__fish_complete_directories (comma
 complete -c dumpproxy $opts -l print-ca -d 'Print the CA certificate (PEM) and exit'
 complete -c dumpproxy $opts -s k -l ssl-insecure -d 'Do not verify upstream certificates'
 complete -c dumpproxy $opts -l upstream-ca -r -F -d 'Extra CA bundle trusted for upstream servers'
+complete -c dumpproxy $opts -l isolate -d 'Wrap mode: run the command in a network namespace whose only way out is dumpproxy'
+complete -c dumpproxy $opts -l no-browser-flags -d 'Wrap mode: add no proxy or CA pin switches to Chromium/Chrome'
 complete -c dumpproxy $opts -l bodies -d 'Include bodies in response events'
 complete -c dumpproxy $opts -l max-body-bytes -x -d 'Cap on each body kept in an event (default 65536)'
 complete -c dumpproxy $opts -l no-redact -d 'Show credential header values'

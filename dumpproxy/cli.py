@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not verify upstream certificates")
     t.add_argument("--upstream-ca", metavar="FILE",
                    help="extra CA bundle trusted for upstream servers")
+    r = p.add_argument_group("wrap mode (-- CMD)")
+    r.add_argument("--isolate", action="store_true",
+                   help="run CMD in a network namespace of its own whose only way out is "
+                        "dumpproxy: TCP through a transparent listener, DNS answered, "
+                        "the rest refused (Linux)")
+    r.add_argument("--no-browser-flags", action="store_true",
+                   help="do not add the proxy and CA pin switches to a Chromium/Chrome "
+                        "command")
     o = p.add_argument_group("output")
     o.add_argument("--bodies", action="store_true",
                    help="include request/response bodies in response events")
@@ -255,6 +263,8 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         output=args.output,
         format=args.format,
         verbosity=-1 if args.quiet else (1 if args.verbose else 0),
+        browser_flags=not args.no_browser_flags,
+        isolate=args.isolate,
     )
 
 
@@ -409,6 +419,12 @@ def _check_combinations(args: argparse.Namespace, command: list[str] | None) -> 
         if "" in values:
             raise UsageError(f"{option}: empty file name (give a path"
                              + (", or - for standard input)" if "hosts" in dest else ")"))
+    if command is None:
+        for name, given in (("--isolate", args.isolate),
+                            ("--no-browser-flags", args.no_browser_flags)):
+            if given:
+                raise UsageError(f"{name} is for wrap mode: dumpproxy {name} [OPTIONS] "
+                                 "-- CMD [ARG...]")
     exits_at_once = [name for name, given in (
         ("--completions", args.completions is not None),
         ("--schema", args.schema),

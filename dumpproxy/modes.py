@@ -44,6 +44,7 @@ class Mode:
         self.connector: Connector | None = None  # None: the shared direct connector
         self.address = ""  #: the listening address, host:port (set once bound)
         self.sockname: tuple | None = None  #: the listening socket's address
+        self.sock: socket.socket | None = None  #: a listening socket made elsewhere (--isolate)
 
     async def serve(self, ctx: Context) -> None:
         raise NotImplementedError

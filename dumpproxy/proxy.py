@@ -161,10 +161,12 @@ class Proxy:
             spec = mode.spec
             host = spec.listen_host or self.cfg.listen_host
             port = spec.listen_port if spec.listen_port is not None else self.cfg.listen_port
+            if mode.sock is not None:  # listening already (--isolate)
+                host = port = None
             try:
                 server = await loop.create_server(
                     lambda mode=mode: _Accepted(self, mode), host, port,
-                    reuse_address=True, backlog=1024,
+                    reuse_address=True, backlog=1024, sock=mode.sock,
                 )
             except OSError as e:
                 for s in self.servers:
