@@ -17,6 +17,7 @@ from dumpproxy.certs import CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import DECISION_BUDGET, HostFilter
+from dumpproxy.pool import Pool, pool_key
 from dumpproxy.schema import Decision, Error, Stage
 from dumpproxy.streams import SocketStream
 from dumpproxy.trust import ClientTrust
@@ -47,7 +48,9 @@ class Services:
         self.trust = ClientTrust()  #: what clients showed about trusting the CA, per name
         self.stats = Stats()
         self.stopping = False  #: the proxy is shutting down: no new exchange on a connection
+        self.pool = Pool()  #: idle upstream connections, for any client connection
         self._flows = 0
+        self._servers = 0
 
     def emit(self, event: str, fields: dict | None = None, conn: Context | None = None):
         """Write one event; `error` is also counted (and told on stderr with -v)."""
@@ -63,6 +66,11 @@ class Services:
         """A new exchange number, unique in this run."""
         self._flows += 1
         return self._flows
+
+    def next_server(self) -> int:
+        """A new upstream connection number, unique in this run."""
+        self._servers += 1
+        return self._servers
 
 
 class Context:
@@ -117,17 +125,34 @@ class Context:
 
     async def open_upstream(self, host: str, port: int, tls: TLSRequest | None = None,
                             forward: bool = False) -> Upstream:
-        """A new connection to host:port (TLS on top when asked), owned by this one.
+        """A connection to host:port (TLS on top when asked), owned by this one: an idle
+        one from the pool when there is one, else a new one.
 
         forward: it carries the explicit proxy's plain HTTP (an upstream proxy then takes
         the requests in absolute form instead of a CONNECT)."""
-        up = await self.connector.open(self.emit, host, port, self._released, tls, forward)
+        services = self.services
+        up = services.pool.take(pool_key(self.connector, host, port, tls, forward))
+        if up is not None:
+            up.adopt(self.emit, self._released)
+        else:
+            up = await self.connector.open(self.emit, services.next_server(), host, port,
+                                           self._released, tls, forward)
         self.upstreams.add(up)
         return up
 
+    def pooled_address(self, host: str, port: int) -> str | None:
+        """The resolved address of an idle TLS connection to host:port in the pool."""
+        return self.services.pool.address_of(self.connector, host, port)
+
     def _released(self, up: Upstream, reusable: bool) -> None:
-        """An upstream handed back by its user. Kept by no one for now: closed."""
+        """An upstream handed back by its user: into the pool when it can serve another
+        exchange, else closed."""
         self.upstreams.discard(up)
+        if up.closed:
+            return
+        if reusable and self.services.pool.put(up, pool_key(
+                up.connector, up.host, up.port, up.tls_request, up.forward)):
+            return
         up.close()
 
     def _close_upstreams(self, shutdown: bool = False) -> None:

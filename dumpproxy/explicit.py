@@ -26,7 +26,7 @@ class ConnectAnswer:
         self.h = h
         self.client = client
 
-    def connected(self, up: Upstream) -> bool:
+    def connected(self, up: Upstream | None) -> bool:
         try:
             self.h.send(self.client, wire.Response(status_code=200, headers=[],
                                                    reason=b"Connection established"))
@@ -66,4 +66,4 @@ def connect_destination(ctx: Context, client: Stream, connect: Connect) -> Desti
         ctx.error("http", f"bad CONNECT target: {e}")
         answer_error(h, client, 400, f"Bad CONNECT target: {e}")
         return None
-    return Destination(host, port, ConnectAnswer(h, client))
+    return Destination(host, port, ConnectAnswer(h, client), lazy=True)

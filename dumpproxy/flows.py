@@ -81,9 +81,10 @@ class Flow:
             self.resp_body.add(data)
 
     def respond(self, status: int, reason: str, header_items,
-                aborted: Aborted | None = None) -> None:
+                aborted: Aborted | None = None, server: int | None = None) -> None:
         """The `response` event: written once the last body byte was forwarded, or when
-        the exchange was cut (aborted: by whom; status 0 when no response head had come)."""
+        the exchange was cut (aborted: by whom; status 0 when no response head had come).
+        server: the upstream connection that carried it."""
         ctx = self.ctx
         fields = Response(
             flow=self.flow, method=self.method, url=self.url,
@@ -91,6 +92,8 @@ class Flow:
             status=status, reason=reason, headers=hdr.header_object(header_items, ctx.cfg.redact),
             request_bytes=self.request_bytes, response_bytes=self.response_bytes,
             duration_ms=round((time.monotonic() - self.started) * 1000, 3))
+        if server is not None:
+            fields["server"] = server
         if aborted is not None:
             fields["aborted"] = aborted
         if self.req_body is not None and self.resp_body is not None:

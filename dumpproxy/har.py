@@ -352,7 +352,10 @@ class HarConverter:
         }
         if server is not None and server.get("ip"):
             entry["serverIPAddress"] = ip_only(str(server["ip"]))
-        if ev.get("conn") is not None:
+        # the upstream connection that carried it (SPEC §9.2), else the client's
+        if ev.get("server") is not None:
+            entry["connection"] = str(ev["server"])
+        elif ev.get("conn") is not None:  # a capture without upstream numbers
             entry["connection"] = str(ev["conn"])
         if ev.get("flow") is not None:
             entry["_flow"] = ev["flow"]

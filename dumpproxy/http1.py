@@ -78,7 +78,7 @@ class Phase(enum.Enum):
 
 
 def answer(ctx: Context, h: Wire, client: Stream, fl: Flow | None, status: int,
-           message: str, extra: tuple = ()) -> None:
+           message: str, extra: tuple = (), server: int | None = None) -> None:
     """dumpproxy answers the request itself (the connection closes after it); a recorded
     exchange gets it as its `response` (or as cut by the client, when it is gone)."""
     events = error_response(status, message, extra)
@@ -86,18 +86,21 @@ def answer(ctx: Context, h: Wire, client: Stream, fl: Flow | None, status: int,
     if fl is None:
         return
     if not sent:
-        fl.respond(0, "", [], "client")
+        fl.respond(0, "", [], "client", server)
         return
     head, data = events[0], events[1]
     fl.response_data(data.data)
-    fl.respond(status, head.reason.decode("latin-1"), list(head.headers.raw_items()))
+    fl.respond(status, head.reason.decode("latin-1"), list(head.headers.raw_items()),
+               server=server)
 
 
 def refuse(ctx: Context, h: Wire, client: Stream, stage: Stage, status: int, message: str,
-           fl: Flow | None = None, address: str | None = None, extra: tuple = ()) -> bool:
-    """An `error` (with the exchange's flow) and dumpproxy's answer; the connection ends."""
+           fl: Flow | None = None, address: str | None = None, extra: tuple = (),
+           server: int | None = None) -> bool:
+    """An `error` (with the exchange's flow) and dumpproxy's answer; the connection ends.
+    server: the upstream connection the exchange had reached, if any."""
     ctx.error(stage, message, fl.flow if fl is not None else None, address)
-    answer(ctx, h, client, fl, status, message, extra)
+    answer(ctx, h, client, fl, status, message, extra, server)
     return False
 
 
@@ -183,7 +186,7 @@ class Exchange:
         self.phase = Phase.DONE
         if self.fl is not None:
             reason, rh = self.head or (b"", [])
-            self.fl.respond(self.status, reason.decode("latin-1"), rh, by)
+            self.fl.respond(self.status, reason.decode("latin-1"), rh, by, self.up.id)
 
     def _broken(self, e: BaseException) -> bool:
         """Something failed mid-exchange: record it, answer if we still can, close."""
@@ -194,7 +197,8 @@ class Exchange:
             return False
         if isinstance(e, BadRequestBody):
             if self.phase is Phase.REQUEST:
-                return refuse(ctx, self.h, self.client, "http", 400, str(e), self.fl)
+                return refuse(ctx, self.h, self.client, "http", 400, str(e), self.fl,
+                              server=up.id)
             ctx.error("http", str(e), self.flow_id)
             self.client.abort()
             self._cut("client")
@@ -214,7 +218,7 @@ class Exchange:
             status, msg = 502, f"error talking to {up.address}: {e!r}"
         if self.phase is Phase.REQUEST:
             return refuse(ctx, self.h, self.client, "upstream", status, msg, self.fl,
-                          up.address)
+                          up.address, server=up.id)
         ctx.error("upstream", msg, self.flow_id, up.address)
         self.client.abort()
         self._cut("server")
@@ -363,7 +367,7 @@ class Exchange:
         can carry one (keep_up None: as the wire says)."""
         self.phase = Phase.DONE
         if self.fl is not None:
-            self.fl.respond(self.status, reason.decode("latin-1"), rh)
+            self.fl.respond(self.status, reason.decode("latin-1"), rh, server=self.up.id)
         up = self.up
         assert up.wire is not None
         if keep_up is None:
@@ -383,7 +387,7 @@ class Exchange:
         self.status = 101
         self.phase = Phase.UPGRADED
         if self.fl is not None:
-            self.fl.respond(101, ev.reason.decode("latin-1"), rh)
+            self.fl.respond(101, ev.reason.decode("latin-1"), rh, server=up.id)
         self.client.unread(self.h.trailing)
         up.stream.unread(up.wire.trailing)  # type: ignore[union-attr]
         relay = Relay(self.client, up.stream, self.ctx.cfg.idle_timeout)

@@ -74,7 +74,7 @@ class Target:
         """The client is done with this destination: its connection goes back, and a
         failure no request was told of becomes an error of its own."""
         if self.upstream is not None:
-            self.upstream.release()
+            self.upstream.release(reusable=True)  # kept for others if it is healthy
         if self.failure is not None and not self.told:
             ctx.error(self.failure.stage, self.failure.message,  # type: ignore[arg-type]
                       address=address)

@@ -105,6 +105,13 @@ class Wire:
         return self._h.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
     @property
+    def idle(self) -> bool:
+        """Between exchanges: no message under way either way, nothing unparsed."""
+        h = self._h
+        return (h.our_state is h11.IDLE and h.their_state is h11.IDLE
+                and not h.trailing_data[0])
+
+    @property
     def head_started(self) -> bool:
         """The peer began a message (some of its bytes arrived) that is not complete."""
         return self._h.their_state is not h11.IDLE or bool(self._h.trailing_data[0])

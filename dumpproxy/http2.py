@@ -204,6 +204,10 @@ class ServerSide(Side):
         flow.request_data(data)
 
 
+def _server_of(pair: Pair) -> int | None:
+    return pair.up_side.up.id if pair.up_side is not None else None
+
+
 def _regular(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in headers if not n.startswith(b":")]
 
@@ -784,13 +788,14 @@ class H2Bridge:
         """Record the exchange as cut short, with what it had moved."""
         if pair.flow is not None:
             pair.flow.respond(pair.status, hdr.reason_phrase(pair.status) if pair.status
-                              else "", pair.resp_headers, by)
+                              else "", pair.resp_headers, by, _server_of(pair))
             pair.flow = None
 
     def _finish(self, pair: Pair) -> None:
         """The response is complete towards the client: record it, forget the pair."""
         if pair.flow is not None:
-            pair.flow.respond(pair.status, hdr.reason_phrase(pair.status), pair.resp_headers)
+            pair.flow.respond(pair.status, hdr.reason_phrase(pair.status), pair.resp_headers,
+                              server=_server_of(pair))
             self.resets.answered += 1
             pair.flow = None
         self._forget(pair)

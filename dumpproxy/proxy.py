@@ -220,6 +220,7 @@ class Proxy:
                 t.cancel()
             await asyncio.wait(set(self.tasks), timeout=min(left, 0.05))
         services = self.services
+        services.pool.close_all("shutdown")
         stats = services.stats
         services.emit("shutdown", Shutdown(
             reason=reason, connections=stats.connections, requests=stats.requests,

@@ -72,7 +72,11 @@ class ClientDisconnect(TypedDict):
     how: Annotated[Ended, "how it ended (who closed it, and how)"]
 
 
+ServerId = Annotated[int, "the upstream connection's number, unique per run"]
+
+
 class _ServerConnectHead(TypedDict):
+    server: ServerId
     address: Annotated[str, "the logical destination, host:port"]
     ip: Annotated[str, "the resolved peer, ip:port (the upstream proxy in upstream mode)"]
     connect_ms: Ms
@@ -87,6 +91,7 @@ class ServerConnect(_ServerConnectHead, total=False):
 class ServerDisconnect(TypedDict):
     """A connection to the destination was closed."""
 
+    server: ServerId
     address: Address
     ip: Address
     bytes_sent: int
@@ -108,15 +113,19 @@ class Decision(TypedDict):
     sni: str | None
 
 
-class Tls(TypedDict):
-    """A TLS handshake completed."""
-
+class _TlsHead(TypedDict):
     side: Literal["client", "server"]
     address: Address
     sni: str | None
     alpn: str | None
     version: str | None
     cipher: str | None
+
+
+class Tls(_TlsHead, total=False):
+    """A TLS handshake completed."""
+
+    server: Annotated[int, "side server: the upstream connection's number"]
 
 
 class Request(TypedDict):
@@ -158,6 +167,8 @@ class Response(_ResponseHead, total=False):
     """The exchange ended: the last body byte was forwarded, dumpproxy answered the request
     itself, or the exchange was cut (`aborted`). Bodies with --bodies."""
 
+    server: Annotated[int, "the upstream connection that carried it (none when dumpproxy "
+                           "answered before reaching the destination)"]
     aborted: Annotated[Aborted, "the exchange was cut before its end: who cut it (the "
                                 "byte counts say how far it got)"]
     request_body: Annotated[str, "UTF-8 text, or base64 (see request_body_encoding)"]

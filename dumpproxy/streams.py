@@ -77,6 +77,9 @@ class SocketStream(asyncio.Protocol, Stream):
         self.bytes_in = 0
         self.bytes_out = 0
         self.ended: Ended | None = None  # how the connection ended: the first cause wins
+        # Writes made in one step of a task go out in one send: a response head and the
+        # first body bytes, say (each send on loopback costs the receiver's work too).
+        self._wbuf: list[bytes] = []
 
     def mark(self, how: Ended) -> None:
         """Record how the connection ends, unless an earlier cause is known."""
@@ -166,6 +169,11 @@ class SocketStream(asyncio.Protocol, Stream):
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return self._buffered
+
     def unread(self, data: bytes) -> None:
         if data:
             self._chunks.appendleft(data)
@@ -175,9 +183,22 @@ class SocketStream(asyncio.Protocol, Stream):
         if self._lost or self.transport.is_closing():  # type: ignore[union-attr]
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
-        self.transport.write(data)  # type: ignore[union-attr]
+        if not self._wbuf:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._wbuf.append(data)
+
+    def flush(self) -> None:
+        """Send what was written (it goes by itself at the end of the task's step)."""
+        buf = self._wbuf
+        if not buf:
+            return
+        self._wbuf = []
+        t = self.transport
+        if t is not None and not self._lost and not t.is_closing():
+            t.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     async def drain(self) -> None:
+        self.flush()
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._write_paused:
@@ -186,6 +207,7 @@ class SocketStream(asyncio.Protocol, Stream):
             await fut
 
     def write_eof(self) -> None:
+        self.flush()
         t = self.transport
         if t is not None and not self._lost and not t.is_closing() and t.can_write_eof():
             try:
@@ -195,11 +217,13 @@ class SocketStream(asyncio.Protocol, Stream):
 
     def close(self) -> None:
         self.mark("proxy_closed")
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         self.mark("proxy_closed")
+        self._wbuf = []
         if self.transport is not None:
             self.transport.abort()
 
@@ -323,6 +347,11 @@ class TLSStream(Stream):
     def unread(self, data: bytes) -> None:
         if data:
             self._pending.appendleft(data)
+
+    @property
+    def buffered(self) -> bool:
+        """Received and not read yet: plaintext, or records not decrypted."""
+        return bool(self._pending) or self._in.pending > 0
 
     def write(self, data: bytes) -> None:
         if self._closed_tls:

@@ -23,14 +23,15 @@ from dumpproxy.http1_server import Target, serve_http1
 from dumpproxy.peek import peek_client, peek_first_bytes
 from dumpproxy.relay import Relay, RelayIdle
 from dumpproxy.streams import Stream, TLSStream
-from dumpproxy.upstream import Upstream, UpstreamError
+from dumpproxy.upstream import TLSRequest, Upstream, UpstreamError
 
 
 class Answer(Protocol):
     """How a mode tells its client whether the way to the destination is open."""
 
-    def connected(self, up: Upstream) -> bool:
-        """The upstream connection is up; False when the client could not be told."""
+    def connected(self, up: Upstream | None) -> bool:
+        """The upstream connection is up (None: a lazy destination's, to be made once the
+        client's first bytes are read); False when the client could not be told."""
         ...
 
     async def failed(self, err: UpstreamError, dest: Destination) -> bool:
@@ -56,6 +57,7 @@ class Destination:
     scheme: str | None = None
     authority: bytes | None = None
     host_header: bool = True
+    lazy: bool = False  # the client's answer needs no upstream connection (CONNECT's 200)
 
     @property
     def address(self) -> str:
@@ -67,18 +69,27 @@ class Destination:
 
 
 async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
-    """Connect to the destination, tell the client, then run the tunnel."""
-    try:
-        up = await ctx.open_upstream(dest.host, dest.port)
-    except UpstreamError as e:
-        if dest.answer is None or not await dest.answer.failed(e, dest):
-            ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
-        return
+    """Connect to the destination, tell the client, then run the tunnel.
+
+    A lazy destination (a CONNECT) to which the pool holds an idle TLS connection is
+    answered at once, and connected only once the client's first bytes say how: an
+    intercepted TLS client takes the pooled connection made for its server name, if any."""
+    pooled = ctx.pooled_address(dest.host, dest.port) if dest.lazy else None
+    up = None
+    if pooled is None:
+        try:
+            up = await ctx.open_upstream(dest.host, dest.port)
+        except UpstreamError as e:
+            if dest.answer is None or not await dest.answer.failed(e, dest):
+                ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
+            return
+    tunnel = Tunnel(ctx, client, up, dest, pooled)
     try:
         if dest.answer is None or dest.answer.connected(up):
-            await Tunnel(ctx, client, up, dest).run()
+            await tunnel.run()
     finally:
-        up.release()
+        if tunnel.up is not None:
+            tunnel.up.release()
 
 
 class HttpAnswer:
@@ -91,7 +102,7 @@ class HttpAnswer:
         self.scheme = scheme
         self.authority = authority
 
-    def connected(self, up: Upstream) -> bool:
+    def connected(self, up: Upstream | None) -> bool:
         return True
 
     async def failed(self, err: UpstreamError, dest: Destination) -> bool:
@@ -106,20 +117,37 @@ class HttpAnswer:
 
 
 class Tunnel:
-    """A client stream with a known destination and an open upstream connection."""
+    """A client stream with a known destination and its upstream connection: open already,
+    or (lazy) made once the client's first bytes say which one (see `serve`)."""
 
-    def __init__(self, ctx: Context, client: Stream, up: Upstream, dest: Destination):
+    def __init__(self, ctx: Context, client: Stream, up: Upstream | None, dest: Destination,
+                 pooled: str | None = None):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.client = client
         self.up = up
         self.dest = dest
+        # the resolved peer, a decision candidate: the connection's, or the pooled one's
+        self.ip_host = up.ip_host if up is not None else pooled
         self.opened = time.monotonic()
 
     async def _peek(self) -> tuple[bytes, Peek]:
         # No longer than the head timeout: a silent client is cut by then anyway.
         return await peek_first_bytes(self.client, min(
             time.monotonic() + self.cfg.peek_timeout, self.opened + self.cfg.head_timeout))
+
+    async def _connect(self, tls: TLSRequest | None = None) -> Upstream:
+        """The upstream connection, made now if the tunnel was lazy (TLS as asked)."""
+        if self.up is None:
+            self.up = await self.ctx.open_upstream(self.dest.host, self.dest.port, tls)
+        elif tls is not None and self.up.tls is None:
+            await self.up.start_tls(*tls)
+        return self.up
+
+    def _drop_upstream(self) -> None:
+        if self.up is not None:
+            self.up.release()
+            self.up = None
 
     async def run(self) -> None:
         """Peek, decide, then relay or intercept (TLS, or plaintext HTTP/1)."""
@@ -128,7 +156,7 @@ class Tunnel:
         # and Host the client sent, patterns or not, at no cost in latency.
         data, peek = await self._peek()
         decision = ctx.decide(dest.host, dest.port, candidates(
-            dest.host, dest.port, ip=self.up.ip_host, sni=peek.sni,
+            dest.host, dest.port, ip=self.ip_host, sni=peek.sni,
             host_header=peek.host if dest.host_header else None), peek.sni)
         if not data:  # a silent client (or a server-first protocol): the head timeout holds
             left = self.cfg.head_timeout - (time.monotonic() - self.opened)
@@ -150,7 +178,12 @@ class Tunnel:
             await self.serve_plain()
 
     async def relay(self, first_timeout: float | None = None) -> None:
-        up = self.up
+        address = self.dest.address
+        try:
+            up = await self._connect()
+        except UpstreamError as e:  # a lazy tunnel: the client only sees it close
+            self.ctx.error(e.stage, e.message, address=address)  # type: ignore[arg-type]
+            return
         relay = Relay(self.client, up.stream, self.cfg.idle_timeout, first_timeout)
         try:
             await relay.run()
@@ -158,15 +191,12 @@ class Tunnel:
             why = str(e)
             if first_timeout is not None and not (relay.to_server or relay.to_client):
                 why = f"no data from either side within {self.cfg.head_timeout:g} s"
-            self.ctx.error("relay", f"tunnel to {up.address} closed: {why}",
-                           address=up.address)
+            self.ctx.error("relay", f"tunnel to {address} closed: {why}", address=address)
         except (ConnectionError, OSError) as e:
             if not relay.teardown(e):  # else: recorded on the disconnect events (`how`)
-                self.ctx.error("relay", f"tunnel to {up.address} reset: {e}",
-                               address=up.address)
+                self.ctx.error("relay", f"tunnel to {address} reset: {e}", address=address)
         except Exception as e:
-            self.ctx.error("relay", f"tunnel to {up.address} closed: {e}",
-                           address=up.address)
+            self.ctx.error("relay", f"tunnel to {address} closed: {e}", address=address)
         finally:
             up.release()
 
@@ -174,31 +204,29 @@ class Tunnel:
         """Plaintext HTTP/1 from the client (TLS to a destination whose scheme says so)."""
         dest = self.dest
         failure = None
-        if dest.scheme == "https" and self.up.tls is None:
-            try:
-                await self.up.start_tls(dest.host, (HTTP1_ALPN,))
-            except UpstreamError as e:
-                self.up.release()
-                failure = e
+        try:
+            await self._connect((dest.host, (HTTP1_ALPN,)) if dest.scheme == "https" else None)
+        except UpstreamError as e:  # told to the client's first request
+            self._drop_upstream()
+            failure = e
         await self._http1(self.client, dest.scheme or "http", dest.host, (HTTP1_ALPN,),
                           failure)
 
     async def serve_h2c(self) -> None:
         """HTTP/2 in plaintext (prior knowledge) for a TLS destination: HTTP/2 over TLS to
         it, when it speaks HTTP/2; else the client is refused with a GOAWAY."""
-        ctx, dest, up = self.ctx, self.dest, self.up
+        ctx, dest = self.ctx, self.dest
         try:
-            tls = await up.start_tls(dest.host, (H2_ALPN,))
+            up = await self._connect((dest.host, (H2_ALPN,)))
         except UpstreamError as e:
-            up.release()
-            ctx.error(e.stage, e.message, address=up.address)  # type: ignore[arg-type]
-            self._refuse_h2(f"{up.address} could not be reached over TLS")
+            self._drop_upstream()
+            ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
+            self._refuse_h2(f"{dest.address} could not be reached over TLS")
             return
-        if tls.ssl.selected_alpn_protocol() != H2_ALPN:
-            up.release()
-            ctx.error("http2", f"{up.address} does not speak HTTP/2 (ALPN), and an HTTP/2 "
+        if up.tls is None or up.tls.ssl.selected_alpn_protocol() != H2_ALPN:
+            ctx.error("http2", f"{dest.address} does not speak HTTP/2 (ALPN), and an HTTP/2 "
                       "client cannot be served over HTTP/1: send HTTP/1 or TLS",
-                      address=up.address)
+                      address=dest.address)
             self._refuse_h2("HTTP/2 is not available at the destination: use HTTP/1.1")
             return
         from dumpproxy.http2 import H2Bridge
@@ -220,13 +248,14 @@ class Tunnel:
         """TLS with the destination before the client's handshake (unless the destination
         is plain http); the ALPN it chose."""
         if self.dest.scheme == "http":
+            await self._connect()
             return None
-        tls = await self.up.start_tls(name, tuple(p for p in offered if p in SUPPORTED_ALPN))
-        return tls.ssl.selected_alpn_protocol()
+        up = await self._connect((name, tuple(p for p in offered if p in SUPPORTED_ALPN)))
+        return up.tls.ssl.selected_alpn_protocol() if up.tls is not None else None
 
     async def intercept_tls(self, peek: Peek) -> None:
-        ctx, up = self.ctx, self.up
-        if not usable_sni(ctx, peek.sni, up.address):
+        ctx, address = self.ctx, self.dest.address
+        if not usable_sni(ctx, peek.sni, address):
             return
         name = self.dest.server_name(peek.sni)
         offered = peek.alpn
@@ -239,17 +268,19 @@ class Tunnel:
                 chosen = await self._upstream_tls(name, offered)
             except UpstreamError as e:
                 upstream_error = e  # told to the client's first request
-                up.release()
+                self._drop_upstream()
                 chosen = None
             return (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
 
-        tls = ClientTLS(ctx, self.client, name, up.address, peek.sni)
+        tls = ClientTLS(ctx, self.client, name, address, peek.sni)
         ctls = await tls.handshake(offer)
         if ctls is None:
-            up.release()
+            if self.up is not None:  # unused: another client may have it
+                self.up.release(reusable=True)
+                self.up = None
             if upstream_error is not None:
                 ctx.error(upstream_error.stage, upstream_error.message,  # type: ignore
-                          address=up.address)
+                          address=address)
             await tls.failed()
             return
         if upstream_error is not None:
@@ -269,11 +300,12 @@ class Tunnel:
         if ctls.ssl.selected_alpn_protocol() == H2_ALPN:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
 
+            up = self.up
+            assert up is not None
             try:
-                await H2Bridge(self.ctx, ctls, self.up, scheme, name,
-                               self.dest.authority).run()
+                await H2Bridge(self.ctx, ctls, up, scheme, name, self.dest.authority).run()
             finally:
-                self.up.release()
+                up.release()
             return
         # Reconnects for HTTP/1 clients must not end up speaking h2 upstream.
         await self._http1(ctls, scheme, name,
@@ -282,12 +314,14 @@ class Tunnel:
     async def _http1(self, client: Stream, scheme: str, name: str, alpn: tuple[str, ...],
                      failure: UpstreamError | None = None) -> None:
         """HTTP/1 requests from the client, all to the destination (or, when it could not
-        be reached, the first one answered with the failure)."""
-        dest = self.dest
-        tls = (name, alpn) if self.up.tls else None  # how to reconnect
-        target = Target(scheme, name, dest.port, None if failure else self.up, tls,
+        be reached, the first one answered with the failure). The Target holds the
+        connection from here on."""
+        dest, up = self.dest, self.up
+        self.up = None
+        tls = (name, alpn) if up is not None and up.tls else None  # how to reconnect
+        target = Target(scheme, name, dest.port, None if failure else up, tls,
                         dest.authority, failure)
         try:
             await serve_http1(self.ctx, client, target)
         finally:
-            target.release(self.ctx, self.up.address)
+            target.release(self.ctx, dest.address)

@@ -162,14 +162,14 @@ class Connector:
     def closed(self, up: Upstream) -> None:
         """One of this connector's connections was closed."""
 
-    async def open(self, emit: Emit, host: str, port: int, owner: Release,
+    async def open(self, emit: Emit, server: int, host: str, port: int, owner: Release,
                    tls: TLSRequest | None = None, forward: bool = False) -> Upstream:
-        """Connect (and with tls, handshake) to host:port; events go through emit. The
-        owner is told when the connection is released."""
+        """Connect (and with tls, handshake) to host:port, as upstream connection number
+        `server`; events go through emit. The owner is told when it is released."""
         started = time.monotonic()
         dialed = await self.dial(host, port, forward)
-        up = Upstream(self, emit, dialed.sock, host, port, owner, dialed)
-        fields = ServerConnect(address=up.address, ip=up.ip,
+        up = Upstream(self, emit, server, dialed.sock, host, port, owner, dialed, forward)
+        fields = ServerConnect(server=server, address=up.address, ip=up.ip,
                                connect_ms=round((time.monotonic() - started) * 1000, 3))
         if dialed.via is not None:
             fields["via"] = dialed.via
@@ -186,10 +186,13 @@ class Connector:
 class Upstream:
     """One connection to a destination, owned by a client connection."""
 
-    def __init__(self, connector: Connector, emit: Emit, sock: SocketStream, host: str,
-                 port: int, owner: Release, dialed: Dialed | None = None):
+    def __init__(self, connector: Connector, emit: Emit, server: int, sock: SocketStream,
+                 host: str, port: int, owner: Release, dialed: Dialed | None = None,
+                 forward: bool = False):
         self.connector = connector
         self.emit = emit
+        self.id = server  #: `server` in events: its number in this run
+        self.forward = forward  # carries absolute-form plain HTTP (to an upstream proxy)
         self.sock = sock
         self.stream: Stream = dialed.stream if dialed and dialed.stream else sock
         self._base = self.stream  # what TLS with the destination runs over
@@ -204,9 +207,10 @@ class Upstream:
         self.absolute_form = bool(dialed and dialed.absolute_form)
         self.proxy_headers = list(dialed.proxy_headers) if dialed else []
         self.tls: TLSStream | None = None
+        self.tls_request: TLSRequest | None = None  # the server name and ALPN of its TLS
         self.wire: Wire | None = None  # the HTTP/1 client state, set by the bridge
         self.closed = False
-        self._owner = owner
+        self._owner: Release | None = owner  # None once released, until adopted
 
     async def start_tls(self, server_name: str, alpn: tuple[str, ...]) -> TLSStream:
         """Client-side TLS with the destination, verified per configuration."""
@@ -221,19 +225,40 @@ class Upstream:
         except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
             raise UpstreamError("server_tls", describe_tls_error(e, server_name)) from None
         self.tls = tls
+        self.tls_request = (server_name, alpn)
         self.stream = tls
         sni = None if is_ip(server_name) else server_name  # no SNI is sent for IPs
-        self.emit("tls", tls.event("server", self.address, sni))
+        fields = tls.event("server", self.address, sni)
+        fields["server"] = self.id
+        self.emit("tls", fields)
         return tls
 
     @property
     def reusable(self) -> bool:
+        """It may carry another request (its origin has not closed it)."""
         return not self.closed and not self.sock.at_eof
+
+    @property
+    def healthy(self) -> bool:
+        """Between exchanges and untouched by the origin: it may serve another client
+        (nothing unread on it, no unfinished message)."""
+        return (self.reusable and self.sock.ended is None and not self.sock.buffered
+                and (self.tls is None or (not self.tls.buffered  # and not HTTP/2's
+                                          and self.tls.ssl.selected_alpn_protocol() != "h2"))
+                and (self.wire is None or self.wire.idle))
+
+    def adopt(self, emit: Emit, owner: Release) -> None:
+        """A pooled connection taken by another client connection: its events and its
+        release go there now."""
+        self.emit = emit
+        self._owner = owner
 
     def release(self, reusable: bool = False) -> None:
         """Done with this connection: back to its owner (reusable: it could carry another
         exchange). The user must not touch it afterwards; releasing again does nothing."""
-        self._owner(self, reusable)
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner(self, reusable)
 
     def close(self) -> None:
         """Close the connection: for its owner only (everyone else releases it)."""
@@ -245,5 +270,5 @@ class Upstream:
         self.connector.closed(self)
         self.sock.close()
         self.emit("server_disconnect", ServerDisconnect(
-            address=self.address, ip=self.ip, bytes_sent=self.sock.bytes_out,
+            server=self.id, address=self.address, ip=self.ip, bytes_sent=self.sock.bytes_out,
             bytes_received=self.sock.bytes_in, how=self.sock.ended or "proxy_closed"))

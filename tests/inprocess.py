@@ -33,6 +33,7 @@ from dumpproxy.context import Context, Services
 from dumpproxy.events import EventWriter
 from dumpproxy.http1_server import Connect, Target, serve_http1
 from dumpproxy.http2 import H2Bridge
+from dumpproxy.pool import Pool
 from dumpproxy.streams import SocketStream, Stream, TLSStream
 from dumpproxy.upstream import Connector, Upstream
 
@@ -112,6 +113,9 @@ class Rig:
         # No TLS to clients in these tests: no CA (a CertStore would write one to disk).
         self.services = Services(self.cfg, self.recorder, self.cfg.sources.load(),
                                  cast(CertStore, None), self.connector)
+        # No idle upstream connections kept across client connections (the pool has tests
+        # of its own): each test's origins see the connection end with its client's.
+        self.services.pool = Pool(total=0)
         self.bridges: list[H2Bridge] = []  #: the HTTP/2 bridges h2_start made
         self._conns = 0
 

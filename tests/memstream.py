@@ -96,6 +96,10 @@ class MemStream(Stream):
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    @property
+    def buffered(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
     def write(self, data: bytes) -> None:
         if self.closed:
             raise ConnectionResetError("connection closed")

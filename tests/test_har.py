@@ -102,7 +102,8 @@ def test_http1_capture_with_bodies(dumpproxy, origin, tls_origin, pki, home, tmp
     assert small["response"]["content"] == {"size": 6, "mimeType": "text/plain",
                                             "text": "hello\n"}
     assert small["serverIPAddress"] == "127.0.0.1"
-    assert small["connection"] == str(req_ev["conn"])
+    resp_ev = next(e for e in events if e["event"] == "response" and e["flow"] == req_ev["flow"])
+    assert small["connection"] == str(resp_ev["server"])  # the upstream connection
     # the first exchange of a plain-HTTP connection includes its upstream connect
     sc = next(e for e in events if e["event"] == "server_connect" and e["conn"] == req_ev["conn"])
     assert small["timings"]["connect"] == sc["connect_ms"]

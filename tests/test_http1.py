@@ -29,14 +29,15 @@ import dumpproxy as package
 COMMON = ["ts", "event", "conn", "client"]
 KEYS = {
     "client_connect": COMMON,
-    "server_connect": [*COMMON, "address", "ip", "connect_ms"],
+    "server_connect": [*COMMON, "server", "address", "ip", "connect_ms"],
     "decision": [*COMMON, "address", "action", "reason", "pattern", "source", "matched",
                  "candidates", "sni"],
     "request": [*COMMON, "flow", "method", "url", "scheme", "host", "port", "path",
                 "http_version", "headers"],
     "response": [*COMMON, "flow", "method", "url", "http_version", "status", "reason",
-                 "headers", "request_bytes", "response_bytes", "duration_ms"],
-    "server_disconnect": [*COMMON, "address", "ip", "bytes_sent", "bytes_received", "how"],
+                 "headers", "request_bytes", "response_bytes", "duration_ms", "server"],
+    "server_disconnect": [*COMMON, "server", "address", "ip", "bytes_sent", "bytes_received",
+                          "how"],
     "client_disconnect": [*COMMON, "duration_ms", "how"],
 }
 BIG = 200 * 1024 * 1024
@@ -269,24 +270,29 @@ def test_one_exchange_every_field(dumpproxy, origin):
     assert body == "hello\n"
     done = p.wait_for(lambda e: e["event"] == "client_disconnect")
     t1 = time.time()
+    # the upstream connection waits in the pool for another client; shutdown closes it
+    assert not p.of("server_disconnect")
+    assert p.stop() == 0
     conn = done["conn"]
     evs = conn_events(p, conn)
     kinds = [e["event"] for e in evs]
     assert kinds == ["client_connect", "server_connect", "decision", "request", "response",
-                     "server_disconnect", "client_disconnect"]
+                     "client_disconnect", "server_disconnect"]
     target = f"127.0.0.1:{origin.port}"
     client = f"127.0.0.1:{local_port}"
     last_ts = 0.0
     for e in evs:
         assert list(e) == KEYS[e["event"]], e
-        assert isinstance(e["ts"], float) and t0 - 0.5 < e["ts"] < t1 + 0.5
+        assert isinstance(e["ts"], float) and t0 - 0.5 < e["ts"] < time.time()
         assert e["ts"] >= last_ts
         last_ts = e["ts"]
         assert type(e["conn"]) is int and e["conn"] == conn >= 1
         assert e["client"] == client
-    cc, sc, dec, req, resp, sd, cd = evs
+    cc, sc, dec, req, resp, cd, sd = evs
 
     assert sc["address"] == target and sc["ip"] == target
+    assert type(sc["server"]) is int and sc["server"] == resp["server"] == sd["server"] == 1
+    assert sd["how"] == "shutdown"
     assert isinstance(sc["connect_ms"], float) and 0 <= sc["connect_ms"] < 5000
 
     assert dec["address"] == target
@@ -359,7 +365,7 @@ def test_keep_alive_both_sides(dumpproxy, origin):
     p.wait_for(lambda e: e["event"] == "client_disconnect")
     assert len(p.of("client_connect")) == 1
     assert len(p.of("server_connect")) == 1
-    assert len(p.of("server_disconnect")) == 1
+    assert {e["server"] for e in p.of("response")} == {1}  # one upstream carried all three
     flows = [e["flow"] for e in p.of("response")]
     assert flows == [1, 2, 3]
     assert [e["flow"] for e in p.of("request")] == flows
@@ -384,7 +390,7 @@ def test_two_origins_on_one_client_connection(dumpproxy, origin, origin2):
     assert len(p.of("client_connect")) == 1
     addrs = sorted(e["address"] for e in p.of("server_connect"))
     assert addrs == sorted([f"127.0.0.1:{origin.port}", f"127.0.0.1:{origin2.port}"])
-    assert len(p.of("server_disconnect")) == 2
+    assert [e["server"] for e in p.of("response")] == [1, 2, 1]
     assert [e["url"] for e in p.of("response")] == [
         origin.url("/small"), origin2.url("/echo"), origin.url("/small")]
     assert len(origin.requests) == 2 and len(origin2.requests) == 1
@@ -1112,8 +1118,8 @@ def test_text_format(home, origin):
         f"{client}: server connect {target}\n",
         f"{client}: GET http://{target}/small HTTP/1.1\n",
         "     << HTTP/1.1 200 OK 6b\n",
-        f"{client}: server disconnect {target}\n",
-        f"{client}: client disconnect\n",
+        f"{client}: client disconnect\n",  # as SPEC §2 shows it: the upstream connection
+        f"{client}: server disconnect {target}\n",  # waited in the pool until shutdown
     ]
     pos = 0
     for line in expected:

@@ -58,8 +58,8 @@ def test_schema_rejects_what_the_definitions_do_not_allow(change: dict, why: str
 
 
 def test_schema_requires_the_fields_every_event_of_a_kind_has() -> None:
-    ev = {"ts": 1.0, "event": "server_connect", "conn": 1, "client": "c", "address": "a:1",
-          "ip": "1.2.3.4:1"}
+    ev = {"ts": 1.0, "event": "server_connect", "conn": 1, "client": "c", "server": 1,
+          "address": "a:1", "ip": "1.2.3.4:1"}
     assert not SCHEMA_CHECK.whole.is_valid(ev)  # connect_ms missing
     assert SCHEMA_CHECK.whole.is_valid({**ev, "connect_ms": 0.5})
     assert not SCHEMA_CHECK.whole.is_valid({"ts": 1.0, "event": "client_connect"})  # no conn
