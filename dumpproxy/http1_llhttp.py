@@ -102,19 +102,35 @@ def _head_block(items) -> list[bytes]:
     return lines
 
 
-def _framing(method: bytes | None, ev, items) -> tuple[str, int]:
-    """h11's _body_framing."""
+def _facts(items) -> tuple:
+    """What framing, keep-alive and upgrades depend on, in one pass over the fields:
+    (Transfer-Encoding, Content-Length, Connection names close, Upgrade is set)."""
+    te = cl = None
+    close = upgrade = False
+    for _, name, value in items:
+        if name in _NOTED:
+            if name == b"transfer-encoding":
+                te = te or value.strip() or None
+            elif name == b"content-length":
+                cl = cl or value
+            elif name == b"connection":
+                close = close or b"close" in (t.strip() for t in value.lower().split(b","))
+            elif name == b"upgrade":
+                upgrade = upgrade or any(t.strip() for t in value.split(b","))
+    return te, cl, close, upgrade
+
+
+def _framing(method: bytes | None, ev, te, cl) -> tuple[str, int]:
+    """h11's _body_framing, from the head's facts."""
     if type(ev) is Response:
         status = ev.status_code
         if status in (204, 304) or method == b"HEAD" or (
                 method == b"CONNECT" and 200 <= status < 300):
             return _LENGTH, 0
-    for _, name, _ in items:
-        if name == b"transfer-encoding":
-            return _CHUNKED, 0
-    for _, name, value in items:
-        if name == b"content-length":
-            return _LENGTH, int(value)
+    if te is not None:
+        return _CHUNKED, 0
+    if cl is not None:
+        return _LENGTH, int(cl)
     return (_LENGTH, 0) if type(ev) is Request else (_UNTIL_CLOSE, 0)
 
 
@@ -462,7 +478,7 @@ class LlhttpConnection:
         state = cs.states[role]
         if state is SEND_BODY:
             if before is not SEND_BODY and not generic:
-                mode, self._left = _framing(self._method, ev, ev.headers._full_items)
+                mode, self._left = _framing(self._method, ev, self._te, self._cl)
                 self._length = self._left
                 self._mode = mode
                 if mode is _CHUNKED:
@@ -495,8 +511,12 @@ class LlhttpConnection:
             if state is ERROR:
                 raise LocalProtocolError("Can't send data when our state is ERROR")
             if kind is Response and our is SERVER:
-                event = self._clean_response(event)
-            self._sent_event(event)
+                event, facts = self._clean_response(event)
+            elif kind is Request or kind is Response:
+                facts = _facts(event.headers._full_items)
+            else:
+                facts = None
+            self._sent_event(event, facts)
             if kind is ConnectionClosed:
                 return None
             if kind is Data:
@@ -518,16 +538,15 @@ class LlhttpConnection:
                 cs.process_error(our)
             raise
 
-    def _sent_event(self, event) -> None:
+    def _sent_event(self, event, facts: tuple | None) -> None:
         """A sent event through the state machine (h11.Connection._process_event)."""
         cs = self._cs
         role = self._our
         kind = type(event)
         if kind is Request:
-            items = event.headers._full_items
             if event.method == b"CONNECT":
                 cs.process_client_switch_proposal(_SWITCH_CONNECT)
-            if _tokens(items, b"upgrade"):
+            if facts[3]:  # type: ignore[index]
                 cs.process_client_switch_proposal(_SWITCH_UPGRADE)
         switch = _server_switch(cs, event) if role is SERVER else None
         before = cs.states[role]
@@ -535,33 +554,31 @@ class LlhttpConnection:
         if kind is Request:
             self._method = event.method
             self._sent = event
-        if kind is Request or kind is Response:
-            if event.http_version < b"1.1" or b"close" in _tokens(
-                    event.headers._full_items, b"connection"):
+        if facts is not None:
+            if facts[2] or event.http_version < b"1.1":
                 cs.process_keep_alive_disabled()
-        if cs.states[role] is SEND_BODY and before is not SEND_BODY:
-            self._wmode, self._wleft = _framing(self._method, event,
-                                                event.headers._full_items)
+            if cs.states[role] is SEND_BODY and before is not SEND_BODY:
+                self._wmode, self._wleft = _framing(self._method, event, facts[0], facts[1])
 
-    def _clean_response(self, resp):
+    def _clean_response(self, resp) -> tuple:
         """h11's _clean_up_response_headers_for_sending: a body of unknown length is
         chunked to an HTTP/1.1 client, else runs to the close; `Connection: close` when
-        the connection will not be kept."""
+        the connection will not be kept. The response, and its facts."""
         method = self._method
         status = resp.status_code
         items = resp.headers._full_items
+        facts = _facts(items)
         changed = need_close = False
-        if not (status in (204, 304) or (method == b"CONNECT" and 200 <= status < 300)):
-            mode = _framing(b"GET" if method == b"HEAD" else method, resp, items)[0]
-            if mode is not _LENGTH:
-                items = _set_comma(items, b"content-length", [])
-                version = self._their_version
-                if version is None or version < b"1.1":
-                    items = _set_comma(items, b"transfer-encoding", [])
-                    need_close = method != b"HEAD"
-                else:
-                    items = _set_comma(items, b"transfer-encoding", [b"chunked"])
-                changed = True
+        if _framing(b"GET" if method == b"HEAD" else method, resp, facts[0],
+                    facts[1])[0] is not _LENGTH:
+            items = _set_comma(items, b"content-length", [])
+            version = self._their_version
+            if version is None or version < b"1.1":
+                items = _set_comma(items, b"transfer-encoding", [])
+                need_close = method != b"HEAD"
+            else:
+                items = _set_comma(items, b"transfer-encoding", [b"chunked"])
+            changed = True
         if need_close or not self._cs.keep_alive:
             tokens = set(_tokens(items, b"connection"))
             tokens.discard(b"keep-alive")
@@ -569,7 +586,7 @@ class LlhttpConnection:
             items = _set_comma(items, b"connection", sorted(tokens))
             changed = True
         if not changed:
-            return resp
+            return resp, facts
         headers = _new(Headers)
         _set(headers, "_full_items", items)
         out = _new(Response)
@@ -577,7 +594,7 @@ class LlhttpConnection:
         _set(out, "status_code", status)
         _set(out, "http_version", resp.http_version)
         _set(out, "reason", resp.reason)
-        return out
+        return out, _facts(items)
 
     def _write_data(self, data) -> list:
         mode = self._wmode
