@@ -30,7 +30,7 @@ import sys
 
 import h11
 import pytest
-from conftest import ROOT
+from conftest import ROOT, curl
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz import HEADER_NAMES, HEADER_VALUES, TOKEN, VISIBLE, fuzz, mutated, split_at
@@ -681,3 +681,28 @@ def test_choose_parser() -> None:
     assert wire.choose_parser("h11") == "h11"
     with pytest.raises(ValueError):
         wire.choose_parser("x")
+
+
+def test_without_httptools_h11_serves(dumpproxy, origin, tmp_path) -> None:
+    """Where httptools cannot be imported, h11 parses: --version says so, asking for
+    httptools is a user error, and the proxy serves (chunked bodies and keep-alive
+    included)."""
+    fake = tmp_path / "site"
+    (fake / "httptools").mkdir(parents=True)
+    (fake / "httptools" / "__init__.py").write_text('raise ImportError("no httptools")\n')
+    path = os.pathsep.join([str(fake), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, PYTHONPATH=path)
+    env.pop("DUMPPROXY_HTTP1_PARSER", None)
+    r = subprocess.run([sys.executable, "-m", "dumpproxy", "--version"], capture_output=True,
+                       env=env, cwd=ROOT, timeout=30)
+    assert f"(HTTP/1 parser: h11 {h11.__version__})" in r.stdout.decode(), r
+    r = subprocess.run([sys.executable, "-m", "dumpproxy", "--version"], capture_output=True,
+                       env=dict(env, DUMPPROXY_HTTP1_PARSER="httptools"), cwd=ROOT,
+                       timeout=30)
+    assert r.returncode == 2 and b"httptools cannot be imported" in r.stderr, r
+    p = dumpproxy(env={"PYTHONPATH": path, "DUMPPROXY_HTTP1_PARSER": ""})
+    out = curl("-x", p.url, origin.url("/small"), origin.url("/chunked"))
+    assert out.returncode == 0 and out.stdout.startswith(b"hello\n"), out
+    p.wait_for(lambda e: e["event"] == "response", count=2)
+    assert [e["status"] for e in p.of("response")] == [200, 200]
+    assert len(p.of("client_connect")) == 1  # both on one kept-alive connection
