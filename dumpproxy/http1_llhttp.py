@@ -4,9 +4,10 @@ h11's event objects out; events in, bytes out; no I/O.
 It behaves as an `h11.Connection` does, event for event, refusal for refusal (the
 differential tests in tests/test_http1_parsers.py hold it to that):
 
-- llhttp parses heads and chunked bodies, with its lenient flags off. A head is fed to it
-  up to its first CRLFCRLF only, so the bytes after a head stay unparsed (`trailing`), as
-  with h11; a chunked body is fed up to each CRLFCRLF, where it may end.
+- llhttp parses heads and chunked bodies, its lenient flags off (nothing here calls
+  `set_dangerous_leniencies`). A head is fed to it up to its first CRLFCRLF only, so the
+  bytes after a head stay unparsed (`trailing`), as with h11; a chunked body is fed up to
+  each CRLFCRLF, where it may end. A message is parsed by a parser of its own.
 - A head llhttp refuses, or one it accepts where h11 would decide otherwise (HTTP/0.9
   request lines, a first byte below "!", a missing or repeated Host, a Transfer-Encoding
   other than "chunked", a Content-Length over 20 digits, a status under 100, odd bytes in
@@ -20,12 +21,15 @@ differential tests in tests/test_http1_parsers.py hold it to that):
 
 Where llhttp is stricter than h11 inside a chunked body (whitespace after a chunk size,
 chunk extensions that are not `;token[=token|quoted-string]`, sizes over 16 hex digits,
-control bytes or obs-fold in trailers), the message is refused: no head is refused for it,
-and what h11 tolerated there is dropped when dumpproxy re-frames the body anyway.
+control bytes, obs-fold or framing fields in trailers), the message is refused: no head is
+refused for it, and what h11 tolerated there is dropped when dumpproxy re-frames the body
+anyway. The head cap inside a chunked body (h11's "receive buffer too long" for a chunk
+line or trailer section over the cap) counts the bytes fed since the last body byte.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import h11
@@ -65,7 +69,7 @@ _HEAD_END = b"\r\n\r\n"
 # Header names whose values the engine needs while parsing (framing, Host, keep-alive).
 _NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
                     b"upgrade"})
-_BAD_REASON = (b"\x00", b"\x0b", b"\x0c")  # llhttp allows them in a reason, h11 does not
+_BAD_REASON = re.compile(rb"[\x00\x0b\x0c]").search  # llhttp allows them in a reason; h11 not
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 # Body framings (h11's names).
@@ -138,7 +142,7 @@ class LlhttpConnection:
     """One HTTP/1 connection as client or server: the interface `http1_wire.Wire` uses."""
 
     __slots__ = (
-        "_role", "_our", "_their", "_cs", "_max", "_buf", "_eof", "_events",
+        "_our", "_their", "_cs", "_max", "_buf", "_eof", "_events",
         "_method", "_their_version", "_sent", "_fallback",
         # reading a head
         "_parser", "_head", "_fed", "_tail", "_target", "_reason", "_items", "_done",
@@ -150,7 +154,6 @@ class LlhttpConnection:
     )
 
     def __init__(self, role: str, max_head: int):
-        self._role = role
         self._our, self._their = (CLIENT, SERVER) if role == "client" else (SERVER, CLIENT)
         self._cs = ConnectionState()
         self._max = max_head
@@ -357,7 +360,7 @@ class LlhttpConnection:
         else:
             status = parser.get_status_code()  # type: ignore[union-attr]
             reason = self._reason
-            if status < 100 or reason and any(b in reason for b in _BAD_REASON):
+            if status < 100 or reason and _BAD_REASON(reason):
                 raise _Fallback
             ev = _new(Response if status >= 200 else InformationalResponse)
             _set(ev, "status_code", status)

@@ -446,6 +446,15 @@ SHAPES = [
      "refused 400"),
     ("chunk data longer than its size", CHUNKED + b"3\r\nhello\r\n0\r\n\r\n", "refused 400"),
     ("chunk size line ended by a bare LF", CHUNKED + b"5\nhello\r\n0\r\n\r\n", "refused 400"),
+    # where llhttp is the stricter one (its lenient flags stay off); h11 drops these
+    ("whitespace after a chunk size", CHUNKED + b"5 \r\nhello\r\n0\r\n\r\n",
+     {"h11": "read", "llhttp": "refused 400"}),
+    ("bare CR in a chunk extension", CHUNKED + b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+     {"h11": "read", "llhttp": "refused 400"}),
+    ("control byte in a chunk extension", CHUNKED + b"5;\x01\r\nhello\r\n0\r\n\r\n",
+     {"h11": "read", "llhttp": "refused 400"}),
+    ("Content-Length in a trailer section", CHUNKED + b"0\r\nContent-Length: 5\r\n\r\n",
+     {"h11": "read", "llhttp": "refused 400"}),
     ("bare CR in a header line", POST + b"X: a\rb\r\nContent-Length: 0\r\n\r\n",
      "refused 400"),
     ("bare CR ending the request line", b"GET / HTTP/1.1\rHost: x\r\n\r\n", "refused 400"),
@@ -480,10 +489,12 @@ def _outcome(log: list[tuple]) -> str:
 
 @pytest.mark.parametrize("name, data, expected", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_smuggling_shape(engine: str, name: str, data: bytes, expected: str) -> None:
+def test_smuggling_shape(engine: str, name: str, data: bytes, expected) -> None:
     """Each engine, in one piece and a byte at a time: the outcome of the table."""
     whole = drive(engine, "server", [data], True, [0])
     trickled = drive(engine, "server", [data[i:i + 1] for i in range(len(data))], True, [0])
+    if isinstance(expected, dict):
+        expected = expected["llhttp" if engine == "llhttp" else "h11"]
     if expected == "cap":  # in one piece the head is read (check_head refuses it, 431)
         assert _outcome(whole) == "read" and _outcome(trickled) == "refused 431"
         return
