@@ -410,6 +410,23 @@ def test_head_cap_alike_whatever_the_segmentation(filler: bytes, step: int, eof)
         compare(role, data, list(range(step, len(data), step)), eof, [])
 
 
+@pytest.mark.parametrize("step", [1, 7, 100, 1000])
+@pytest.mark.parametrize("tail", [
+    b"5;a=" + b"b" * (2 * MAX_HEAD) + b"\r\nhello\r\n0\r\n\r\n",
+    b"5\r\nhello\r\n0\r\n" + b"".join(b"T%d: v\r\n" % i for i in range(MAX_HEAD // 4)) +
+    b"\r\n"], ids=["chunk extension", "trailers"])
+def test_chunk_line_and_trailers_over_the_cap_alike(tail: bytes, step: int) -> None:
+    """A chunk-size line or a trailer section over the head cap: 431 from both when it
+    trickles in, read when it comes whole. (llhttp's engine counts what was fed since the
+    last body byte, h11 what it holds: the refusal may come one piece apart.)"""
+    data = CHUNKED + tail
+    for engine in ENGINES:
+        trickled = drive(engine, "server", split_at(data, list(range(step, len(data), step))),
+                         True, [0])
+        assert _outcome(trickled) == "refused 431", (engine, trickled[-3:])
+        assert _outcome(drive(engine, "server", [data], True, [0])) == "read"
+
+
 # --- the smuggling shapes (SPEC §7): a table --------------------------------------------------
 
 POST = b"POST / HTTP/1.1\r\nHost: x\r\n"
