@@ -22,10 +22,13 @@ _dumpproxy_options='
     --response-timeout
     --connect-timeout
     --idle-timeout
+    --shutdown-grace
     --ca-dir
     --print-ca
     -k --ssl-insecure
     --upstream-ca
+    --isolate
+    --no-browser-flags
     --bodies
     --max-body-bytes
     --no-redact
@@ -144,7 +147,7 @@ _dumpproxy()
             ;;
         -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
             --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
-            --idle-timeout | --max-body-bytes | --proxyauth)
+            --idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth)
             # A free-form value: nothing sensible to offer.
             return
             ;;

@@ -35,6 +35,9 @@ BACKDATE = datetime.timedelta(days=2)  # tolerate client clocks a little behind
 MAX_CONTEXTS = 4096  # cached server contexts (one per host and ALPN offer)
 
 
+LEAF_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.2 suites the intercepting side offers
+
+
 class CAError(Exception):
     """The CA could not be loaded or created; the message names the file."""
 
@@ -291,6 +294,10 @@ class CertStore:
         ctx = self._contexts.get(key)
         if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            # AEAD suites only, as Mozilla's "intermediate" profile (TLS 1.3's are all AEAD;
+            # no CBC: LUCKY13 and friends)
+            ctx.set_ciphers(LEAF_CIPHERS)
             # The ssl module loads certificates only from files: write key + leaf to a
             # private file, load it, remove it at once.
             path = os.path.join(self._dir, "leaf.pem")

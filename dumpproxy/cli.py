@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connecting (TCP and TLS) to the destination (default: 30)")
     w.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float, default=600.0,
                    help="no byte either way in a tunnel or body stream (default: 600)")
+    w.add_argument("--shutdown-grace", metavar="SECONDS", type=_non_negative_float,
+                   default=5.0, help="on SIGINT/SIGTERM (or when CMD exits), how long "
+                                     "exchanges in flight may finish (default: 5)")
     t = p.add_argument_group("TLS")
     t.add_argument("--ca-dir", metavar="DIR", default=None,
                    help="where the CA lives (default: $DUMPPROXY_HOME, else "
@@ -137,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not verify upstream certificates")
     t.add_argument("--upstream-ca", metavar="FILE",
                    help="extra CA bundle trusted for upstream servers")
+    r = p.add_argument_group("wrap mode (-- CMD)")
+    r.add_argument("--isolate", action="store_true",
+                   help="run CMD in a network namespace of its own whose only way out is "
+                        "dumpproxy: TCP through a transparent listener, DNS answered, "
+                        "the rest refused (Linux)")
+    r.add_argument("--no-browser-flags", action="store_true",
+                   help="do not add the proxy and CA pin switches to a Chromium/Chrome "
+                        "command")
     o = p.add_argument_group("output")
     o.add_argument("--bodies", action="store_true",
                    help="include request/response bodies in response events")
@@ -180,6 +191,16 @@ def _positive_float(text: str) -> float:
         value = -1.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (seconds > 0)")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (seconds >= 0)")
     return value
 
 
@@ -233,6 +254,7 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         response_timeout=args.response_timeout,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
+        shutdown_grace=args.shutdown_grace,
         ca_dir=args.ca_dir or default_ca_dir(),
         ssl_insecure=args.ssl_insecure,
         upstream_ca=args.upstream_ca,
@@ -243,6 +265,8 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         output=args.output,
         format=args.format,
         verbosity=-1 if args.quiet else (1 if args.verbose else 0),
+        browser_flags=not args.no_browser_flags,
+        isolate=args.isolate,
     )
 
 
@@ -401,6 +425,12 @@ def _check_combinations(args: argparse.Namespace, command: list[str] | None) -> 
         if "" in values:
             raise UsageError(f"{option}: empty file name (give a path"
                              + (", or - for standard input)" if "hosts" in dest else ")"))
+    if command is None:
+        for name, given in (("--isolate", args.isolate),
+                            ("--no-browser-flags", args.no_browser_flags)):
+            if given:
+                raise UsageError(f"{name} is for wrap mode: dumpproxy {name} [OPTIONS] "
+                                 "-- CMD [ARG...]")
     exits_at_once = [name for name, given in (
         ("--completions", args.completions is not None),
         ("--schema", args.schema),

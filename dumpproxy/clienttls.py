@@ -34,8 +34,36 @@ def client_dropped(e: BaseException) -> bool:
     return isinstance(e, ssl.SSLError) and e.reason == "UNEXPECTED_EOF_WHILE_READING"
 
 
+# The client's alerts that reject our certificate (OpenSSL's reason names).
+_DISTRUST = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR",
+             "ACCESS_DENIED", "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED")
+# Handshakes that failed before any certificate could matter: what each means.
+_NO_COMMON_GROUND = {
+    "NO_SHARED_CIPHER": "the client offers no cipher suite dumpproxy accepts (TLS 1.2: "
+                        "ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3: any)",
+    "NO_SUITABLE_KEY_SHARE": "the client offers no key exchange group dumpproxy accepts",
+    "NO_SHARED_GROUP": "the client offers no key exchange group dumpproxy accepts",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions dumpproxy does not speak "
+                            "(TLS 1.2 and 1.3)",
+    "VERSION_TOO_LOW": "the client offers only TLS versions dumpproxy does not speak "
+                       "(TLS 1.2 and 1.3)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the client offers only TLS versions dumpproxy does not "
+                                    "speak (TLS 1.2 and 1.3)",
+    "WRONG_VERSION_NUMBER": "the client's bytes are not a TLS handshake dumpproxy can read",
+    "HTTP_REQUEST": "the client sent plain HTTP where a TLS handshake was expected",
+    "HTTPS_PROXY_REQUEST": "the client sent a plain HTTP CONNECT where a TLS handshake was "
+                           "expected",
+    "UNSUPPORTED_ELLIPTIC_CURVE": "the client supports no elliptic curve of dumpproxy's "
+                                  "certificate (P-256)",
+    "NO_SHARED_SIGNATURE_ALGORITHMS": "the client accepts no signature algorithm of "
+                                      "dumpproxy's certificate (ECDSA P-256 with SHA-256)",
+}
+
+
 def client_tls_message(e: BaseException | None, ca_path: str, silent: bool = False) -> str:
-    what = getattr(e, "reason", None) or str(e) or type(e).__name__
+    """What a failed handshake with a client means, by its cause: a rejection of the
+    certificate (what to do about it), no common ground (what was missing), a client that
+    went silent or away (what it may mean)."""
     hint = (
         f"trust the dumpproxy CA ({ca_path}; `dumpproxy --print-ca` prints it): "
         "curl --cacert FILE, SSL_CERT_FILE / REQUESTS_CA_BUNDLE for Python, "
@@ -45,13 +73,22 @@ def client_tls_message(e: BaseException | None, ca_path: str, silent: bool = Fal
         return ("the client closed the connection right after the TLS handshake without a "
                 "request; if it rejected the certificate (GnuTLS clients such as wget and git "
                 f"do that without an alert: wget --ca-certificate FILE, GIT_SSL_CAINFO), {hint}")
-    if isinstance(e, ssl.SSLError) and any(
-        k in what.upper() for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
-                                    "DECRYPT_ERROR", "ACCESS_DENIED")
-    ):
+    if isinstance(e, StreamTimeout):
+        return "the client did not complete the TLS handshake in time"
+    what = getattr(e, "reason", None) or str(e) or type(e).__name__
+    upper = what.upper()
+    if isinstance(e, ssl.SSLError) and any(k in upper for k in _DISTRUST):
         return f"the client does not trust the dumpproxy CA ({what}); {hint}"
-    return (f"TLS handshake with the client failed ({what}); if the client rejected the "
-            f"certificate, {hint}")
+    for key, meaning in _NO_COMMON_GROUND.items():
+        if key in upper:
+            return f"TLS handshake with the client failed: {meaning} ({what})"
+    if e is not None and client_dropped(e):
+        return ("the client closed the connection during the TLS handshake without an alert; "
+                f"if it rejected the certificate (Node.js does that), {hint}")
+    if "ALERT" in upper:
+        return (f"the client ended the TLS handshake with an alert ({what}); if it rejected "
+                f"the certificate, {hint}")
+    return f"TLS handshake with the client failed ({what})"
 
 
 def usable_sni(ctx: Context, sni: str | None, address: str) -> bool:

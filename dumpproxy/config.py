@@ -28,8 +28,14 @@ class Config:
     output: str | None = None
     format: str = "json"
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
+    # wrap mode: Chromium/Chrome get the proxy and CA pin switches; CMD in a network
+    # namespace of its own whose only way out is dumpproxy
+    browser_flags: bool = True
+    isolate: bool = False
     # SPEC §7 timeouts (seconds)
     head_timeout: float = 60.0  # a request head, or a tunnel's first byte, from the client
     response_timeout: float = 60.0  # the response head from the destination
     connect_timeout: float = 30.0  # TCP (and TLS) to the destination
     idle_timeout: float = 600.0  # no byte either way in a tunnel or body stream
+    # SPEC §9.1: after SIGINT/SIGTERM (or CMD's exit), exchanges in flight may finish
+    shutdown_grace: float = 5.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dumpproxy.addresses import join_host_port
@@ -45,6 +46,7 @@ class Services:
         self.auth = ProxyAuth(cfg.proxyauth) if cfg.proxyauth else None  #: --proxyauth
         self.trust = ClientTrust()  #: what clients showed about trusting the CA, per name
         self.stats = Stats()
+        self.stopping = False  #: the proxy is shutting down: no new exchange on a connection
         self._flows = 0
 
     def emit(self, event: str, fields: dict | None = None, conn: Context | None = None):
@@ -81,6 +83,10 @@ class Context:
         self.client = join_host_port(peer[0], peer[1])  #: `client` in events
         self.started = time.monotonic()
         self.upstreams: set[Upstream] = set()  #: open upstream connections, closed with it
+        # While set, whoever serves the connection says whether it may be closed now, in a
+        # shutdown (nothing in flight: a keep-alive connection waiting for its next request).
+        # Called again until it says yes; the HTTP/2 bridge sends its GOAWAY on the first.
+        self.quiesce: Callable[[], bool] | None = None
 
     def emit(self, event: str, fields: dict | None = None) -> dict:
         return self.services.emit(event, fields, self)

@@ -35,8 +35,9 @@ class ConnectAnswer:
         self.client.unread(self.h.trailing)  # the tunnel's first bytes, read with the head
         return True
 
-    async def failed(self, err: UpstreamError) -> None:
+    async def failed(self, err: UpstreamError, dest: Destination) -> bool:
         answer_error(self.h, self.client, err.status, err.message)
+        return False  # a CONNECT is no exchange of the record: the error stands alone
 
 
 async def serve_explicit(ctx: Context, client: Stream) -> Destination | None:

@@ -8,7 +8,7 @@ import time
 from dumpproxy import headers as hdr
 from dumpproxy.addresses import authority
 from dumpproxy.context import Context
-from dumpproxy.schema import Request, Response
+from dumpproxy.schema import Aborted, Request, Response
 
 
 def build_url(scheme: str, host: str, port: int, path: str) -> str:
@@ -55,6 +55,7 @@ class Flow:
                  path: str, http_version: str, header_items, started: float | None = None):
         self.ctx = ctx
         self.flow = ctx.services.next_flow()
+        ctx.services.stats.requests += 1
         self.method = method
         self.url = build_url(scheme, host, port, path)
         self.http_version = http_version
@@ -79,8 +80,10 @@ class Flow:
         if self.resp_body is not None:
             self.resp_body.add(data)
 
-    def respond(self, status: int, reason: str, header_items) -> None:
-        """The `response` event: written once the last body byte was forwarded."""
+    def respond(self, status: int, reason: str, header_items,
+                aborted: Aborted | None = None) -> None:
+        """The `response` event: written once the last body byte was forwarded, or when
+        the exchange was cut (aborted: by whom; status 0 when no response head had come)."""
         ctx = self.ctx
         fields = Response(
             flow=self.flow, method=self.method, url=self.url,
@@ -88,6 +91,8 @@ class Flow:
             status=status, reason=reason, headers=hdr.header_object(header_items, ctx.cfg.redact),
             request_bytes=self.request_bytes, response_bytes=self.response_bytes,
             duration_ms=round((time.monotonic() - self.started) * 1000, 3))
+        if aborted is not None:
+            fields["aborted"] = aborted
         if self.req_body is not None and self.resp_body is not None:
             fields.update(self.req_body.fields("request_body"))  # type: ignore[typeddict-item]
             fields.update(self.resp_body.fields("response_body"))  # type: ignore[typeddict-item]

@@ -107,3 +107,22 @@ def new_connection(client_side: bool) -> Connection:
     conn.initiate_connection()
     conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
     return conn
+
+
+def refusal(error_code: h2.errors.ErrorCodes, reason: str) -> bytes:
+    """What a server says to an HTTP/2 client it will not serve: its SETTINGS, then GOAWAY
+    with the code and the reason as debug data."""
+    settings = hyperframe.frame.SettingsFrame(0)
+    goaway = hyperframe.frame.GoAwayFrame(0)
+    goaway.error_code = error_code
+    goaway.additional_data = reason.encode()[:1024]
+    return settings.serialize() + goaway.serialize()
+
+
+def goaway(last_stream_id: int) -> bytes:
+    """A graceful GOAWAY (NO_ERROR) as bytes, outside h2's state machine: the peer opens no
+    new stream, and the streams up to last_stream_id still finish (h2 would refuse their
+    frames after a GOAWAY of its own)."""
+    frame = hyperframe.frame.GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    return frame.serialize()

@@ -10,6 +10,7 @@ bounded by what is open in the capture: the `request` events still waiting for t
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import os
 import sys
@@ -25,6 +26,17 @@ HAR_VERSION = "1.2"
 MAX_WARNINGS = 10  # malformed lines reported one by one; the rest only counted
 
 Key = tuple[int, int, int]  # (run, conn, flow)
+# HAR has no fixed spelling of HTTP versions; browsers' exports set the convention, and
+# HAR readers (mitmproxy's among them) know "HTTP/2" (Firefox) and "http/2.0" (Chrome).
+HAR_VERSIONS = {"HTTP/2.0": "HTTP/2"}
+# Why an exchange was cut (response.aborted), as a HAR reader is told (response._error).
+ABORTED = {"client": "aborted: the client went away or cancelled",
+           "server": "aborted: the server broke off",
+           "shutdown": "aborted: dumpproxy shut down"}
+
+
+def har_version(version: str) -> str:
+    return HAR_VERSIONS.get(version, version)
 
 
 def iso_time(ts: float) -> str:
@@ -101,6 +113,25 @@ def _body_notes(ev: dict, prefix: str) -> tuple[bool, list[str]]:
     return b64, notes
 
 
+def _post_data(resp: dict, mime: str) -> dict:
+    """HAR's postData has text only: a body that is not UTF-8 is written as Latin-1 text,
+    one character per byte, which HAR readers turn back into the same bytes (mitmproxy
+    for one); `_encoding` says so for readers that want to be sure."""
+    b64, notes = _body_notes(resp, "request_body")
+    text = str(resp["request_body"])
+    post: dict = {"mimeType": mime, "text": text}
+    if b64:
+        try:
+            post["text"] = base64.b64decode(text).decode("latin-1")
+            post["_encoding"] = "latin-1"
+            notes[0] = "not UTF-8: one Latin-1 character per byte"
+        except ValueError:
+            post["_encoding"] = "base64"
+    if notes:
+        post["comment"] = "; ".join(notes)
+    return post
+
+
 class _Conn:
     """What is known about one client connection while it is open."""
 
@@ -126,6 +157,8 @@ class HarConverter:
         self._run_open = False  # the current run has seen more than `listening` events
         self._run_closed = False
         self.open: dict[Key, dict] = {}  # request events waiting for their response
+        # the `error` (stage: message) that explains an open exchange, until its response
+        self.explained: dict[Key, tuple[str, dict]] = {}
         self.conns: dict[tuple[int, int], _Conn] = {}
         self.entries = 0
         self.failed = 0
@@ -152,20 +185,23 @@ class HarConverter:
         if kind == "request":
             key = (self.run, conn, ev.get("flow"))
             if key in self.open:  # a flow number seen twice: runs mixed up; keep the new one
-                out.append(self._failed(self.open.pop(key), None, "no response in the capture"))
+                out.append(self._fail(key, "no response in the capture"))
             self.open[key] = ev  # type: ignore[index]
             self.conns.setdefault(ckey, _Conn())
         elif kind == "response":
-            req = self.open.pop((self.run, conn, ev.get("flow")), None)  # type: ignore[arg-type]
-            out.append(self._entry(req, ev))
+            key = (self.run, conn, ev.get("flow"))  # type: ignore[assignment]
+            req = self.open.pop(key, None)
+            why = self.explained.pop(key, None)
+            out.append(self._entry(req, ev, why[0] if why else None))
         elif kind == "error":
             flow = ev.get("flow")
             message = f"{ev.get('stage', 'error')}: {ev.get('message', '')}"
-            if isinstance(flow, int):
-                req = self.open.pop((self.run, conn, flow), None)
-                if req is not None:
-                    out.append(self._failed(req, ev, message))
-            else:
+            key = (self.run, conn, flow)  # type: ignore[assignment]
+            if isinstance(flow, int) and key in self.open:
+                # its response follows (the client's answer); a capture that ends before it
+                # gets the exchange as failed, with this explanation
+                self.explained[key] = (message, ev)
+            elif not isinstance(flow, int):
                 self.conns.setdefault(ckey, _Conn()).error = message
         elif kind == "server_connect":
             c = self.conns.setdefault(ckey, _Conn())
@@ -175,8 +211,17 @@ class HarConverter:
             c = self.conns.pop(ckey, None)
             why = (c.error if c else None) or "the client connection closed before the response"
             for key in [k for k in self.open if k[:2] == ckey]:
-                out.append(self._failed(self.open.pop(key), None, why, c))
+                out.append(self._fail(key, why, c))
         return out
+
+    def _fail(self, key: Key, why: str, conn_state: _Conn | None = None) -> dict:
+        """An open exchange that gets no response in the input: failed, explained by its
+        own error when there was one."""
+        req = self.open.pop(key)
+        explained = self.explained.pop(key, None)
+        if explained is not None:
+            return self._failed(req, explained[1], explained[0], conn_state)
+        return self._failed(req, None, why, conn_state)
 
     def close(self) -> list[dict]:
         """End of input: what is still open failed ("no response by the end")."""
@@ -186,7 +231,7 @@ class HarConverter:
         out = []
         for key in list(self.open):
             c = self.conns.get(key[:2])
-            out.append(self._failed(self.open.pop(key), None, (c.error if c else None) or why, c))
+            out.append(self._fail(key, (c.error if c else None) or why, c))
         self.conns.clear()
         return out
 
@@ -203,8 +248,9 @@ class HarConverter:
                 return c.servers[addr]
         return c.last
 
-    def _entry(self, req: dict | None, resp: dict) -> dict:
-        """A completed exchange (a response, with its request when the input has it)."""
+    def _entry(self, req: dict | None, resp: dict, explanation: str | None = None) -> dict:
+        """An exchange with its response (with its request when the input has it): status
+        as the client saw it; why it failed or was cut, if it was, as its comment."""
         self.entries += 1
         conn = resp.get("conn")
         total = float(resp.get("duration_ms") or 0.0)
@@ -212,18 +258,11 @@ class HarConverter:
         rq = req or {}
         req_headers = rq.get("headers") if isinstance(rq.get("headers"), dict) else {}
         resp_headers = resp.get("headers") if isinstance(resp.get("headers"), dict) else {}
-        version = str(resp.get("http_version") or rq.get("http_version") or "")
+        version = har_version(str(resp.get("http_version") or rq.get("http_version") or ""))
         request = self._request(rq or resp, req_headers, version)  # type: ignore[arg-type]
         request["bodySize"] = int(resp.get("request_bytes") or 0)
         if "request_body" in resp and (request["bodySize"] or resp["request_body"]):
-            b64, notes = _body_notes(resp, "request_body")
-            post: dict = {"mimeType": str(req_headers.get("content-type", "")),
-                          "text": str(resp["request_body"])}
-            if b64:
-                post["_encoding"] = "base64"
-            if notes:
-                post["comment"] = "; ".join(notes)
-            request["postData"] = post
+            request["postData"] = _post_data(resp, str(req_headers.get("content-type", "")))
         if req is None:
             request["comment"] = "the request event is not in the input"
         content: dict = {"size": int(resp.get("response_bytes") or 0),
@@ -253,7 +292,12 @@ class HarConverter:
             connect = min(float(server.get("connect_ms") or 0.0), total)
         timings = {"blocked": -1, "dns": -1, "connect": connect, "ssl": -1, "send": 0,
                    "wait": round(total - max(connect, 0.0), 3), "receive": 0}
-        return self._wrap(start, total, request, response, timings, server, resp)
+        entry = self._wrap(start, total, request, response, timings, server, resp)
+        why = [w for w in (ABORTED.get(str(resp.get("aborted"))), explanation) if w]
+        if why:  # failed, answered by dumpproxy, or cut short: as browsers mark them
+            self.failed += 1
+            response["_error"] = entry["comment"] = "; ".join(why)
+        return entry
 
     def _failed(self, req: dict, err: dict | None, message: str,
                 conn_state: _Conn | None = None) -> dict:
@@ -264,7 +308,8 @@ class HarConverter:
         end = float(err.get("ts") or start) if err else start
         total = round(max(end - start, 0.0) * 1000, 3)
         headers = req.get("headers") if isinstance(req.get("headers"), dict) else {}
-        request = self._request(req, headers, str(req.get("http_version") or ""))  # type: ignore[arg-type]
+        request = self._request(req, headers,  # type: ignore[arg-type]
+                                har_version(str(req.get("http_version") or "")))
         request["bodySize"] = -1
         response = {"status": 0, "statusText": "", "httpVersion": "", "cookies": [],
                     "headers": [], "content": {"size": 0, "mimeType": ""}, "redirectURL": "",

@@ -16,8 +16,9 @@ from dumpproxy import headers as hdr
 from dumpproxy import http1_wire as wire
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow
-from dumpproxy.http1_wire import Wire, answer_error, protocol_error_text
+from dumpproxy.http1_wire import Wire, answer_error, error_response, protocol_error_text
 from dumpproxy.relay import Relay
+from dumpproxy.schema import Aborted, Stage
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import Upstream
 
@@ -38,6 +39,10 @@ class UpstreamGone(PeerGone):
 
 class BadResponse(Exception):
     pass
+
+
+class BadRequestBody(Exception):
+    """The client's request body broke HTTP/1's framing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,33 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+# --- answers of dumpproxy's own --------------------------------------------------------
+
+
+def answer(ctx: Context, h: Wire, client: Stream, fl: Flow | None, status: int,
+           message: str, extra: tuple = ()) -> None:
+    """dumpproxy answers the request itself (the connection closes after it); a recorded
+    exchange gets it as its `response` (or as cut by the client, when it is gone)."""
+    events = error_response(status, message, extra)
+    sent = answer_error(h, client, status, message, extra)
+    if fl is None:
+        return
+    if not sent:
+        fl.respond(0, "", [], "client")
+        return
+    head, data = events[0], events[1]
+    fl.response_data(data.data)
+    fl.respond(status, head.reason.decode("latin-1"), list(head.headers.raw_items()))
+
+
+def refuse(ctx: Context, h: Wire, client: Stream, stage: Stage, status: int, message: str,
+           fl: Flow | None = None, address: str | None = None, extra: tuple = ()) -> bool:
+    """An `error` (with the exchange's flow) and dumpproxy's answer; the connection ends."""
+    ctx.error(stage, message, fl.flow if fl is not None else None, address)
+    answer(ctx, h, client, fl, status, message, extra)
+    return False
+
+
 # --- the pump -----------------------------------------------------------------------------
 
 
@@ -89,6 +121,7 @@ class Exchange:
         self.fl = fl  # None when the exchange is not recorded
         self.phase = Phase.REQUEST
         self.status = 0
+        self.head: tuple[bytes, list] | None = None  # the response's reason and headers
 
     @property
     def flow_id(self) -> int | None:
@@ -113,9 +146,9 @@ class Exchange:
             return await self._with_upload(upload)
         except asyncio.CancelledError:
             await _settle(upload)
-            self.ctx.error("shutdown", "proxy shutting down mid-exchange", self.flow_id,
-                           up.address)
+            up.sock.mark("shutdown")
             up.release()
+            self._cut("shutdown")
             raise
         except Exception as e:
             await _settle(upload)
@@ -143,12 +176,28 @@ class Exchange:
             raise upload.exception()  # type: ignore[misc]
         return keep
 
+    def _cut(self, by: Aborted) -> None:
+        """Record the exchange as cut short (unless its response is written already)."""
+        if self.phase in (Phase.DONE, Phase.UPGRADED):
+            return
+        self.phase = Phase.DONE
+        if self.fl is not None:
+            reason, rh = self.head or (b"", [])
+            self.fl.respond(self.status, reason.decode("latin-1"), rh, by)
+
     def _broken(self, e: BaseException) -> bool:
         """Something failed mid-exchange: record it, answer if we still can, close."""
         up, ctx = self.up, self.ctx
         up.release()
-        if isinstance(e, ClientGone):
-            ctx.error("client", f"client connection lost: {e}", self.flow_id, up.address)
+        if isinstance(e, ClientGone):  # the client's own doing: orderly, no error
+            self._cut("client")
+            return False
+        if isinstance(e, BadRequestBody):
+            if self.phase is Phase.REQUEST:
+                return refuse(ctx, self.h, self.client, "http", 400, str(e), self.fl)
+            ctx.error("http", str(e), self.flow_id)
+            self.client.abort()
+            self._cut("client")
             return False
         if isinstance(e, StreamTimeout):
             status = 504
@@ -163,11 +212,12 @@ class Exchange:
             status, msg = 502, f"{up.address} closed the connection: {e}"
         else:
             status, msg = 502, f"error talking to {up.address}: {e!r}"
-        ctx.error("upstream", msg, self.flow_id, up.address)
         if self.phase is Phase.REQUEST:
-            answer_error(self.h, self.client, status, msg)
-        else:
-            self.client.abort()
+            return refuse(ctx, self.h, self.client, "upstream", status, msg, self.fl,
+                          up.address)
+        ctx.error("upstream", msg, self.flow_id, up.address)
+        self.client.abort()
+        self._cut("server")
         return False
 
     # -- request side --
@@ -175,7 +225,8 @@ class Exchange:
         try:
             return self.h.next_event()
         except wire.RemoteProtocolError as e:
-            raise ClientGone(f"malformed request body: {e}") from None
+            text = protocol_error_text(e, self.ctx.cfg.redact)
+            raise BadRequestBody(f"malformed request body: {text}") from None
 
     async def _upload(self, ev) -> None:
         """Client body -> upstream, streamed."""
@@ -239,6 +290,7 @@ class Exchange:
             raise BadResponse(f"{self.up.address} sent both Content-Length and "
                               "Transfer-Encoding")
         self.status = resp.status_code
+        self.head = (resp.reason, rh)
         self._to_client(wire.response(resp.status_code, hdr.forwardable(rh), resp.reason))
         self.phase = Phase.RESPONSE
         length = hdr.body_length(self.req.method, resp.status_code, rh)

@@ -22,8 +22,8 @@ from dumpproxy.addresses import DEFAULT_PORTS, BadHost, check_host, join_host_po
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow, build_url
 from dumpproxy.hostfilter import candidates
-from dumpproxy.http1 import Exchange
-from dumpproxy.http1_wire import MAX_HEAD, Wire, answer_error, protocol_error_text
+from dumpproxy.http1 import Exchange, refuse
+from dumpproxy.http1_wire import MAX_HEAD, Wire, protocol_error_text
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import TLSRequest, Upstream, UpstreamError
 
@@ -51,16 +51,33 @@ class Target:
     scheme: str
     host: str  # as named in URLs and events (the SNI, else the CONNECT host)
     port: int
-    upstream: Upstream  # the current connection; a reconnect goes where it went
+    upstream: Upstream | None  # the current connection; a reconnect goes where it went
     tls: TLSRequest | None = None  # how to reconnect
     authority: bytes | None = None  # reverse mode: the Host header every request gets
+    # The destination could not be reached (or its TLS failed) before any request was
+    # read: the first request is answered with it, and the error carries its flow.
+    failure: UpstreamError | None = None
+    told: bool = False  # the failure was given to a request
 
     async def connection(self, ctx: Context) -> Upstream:
+        if self.failure is not None:
+            self.told = True
+            raise self.failure
         up = self.upstream
+        assert up is not None
         if not up.reusable:
             up.release()
             self.upstream = up = await ctx.open_upstream(up.host, up.port, self.tls)
         return up
+
+    def release(self, ctx: Context, address: str) -> None:
+        """The client is done with this destination: its connection goes back, and a
+        failure no request was told of becomes an error of its own."""
+        if self.upstream is not None:
+            self.upstream.release()
+        if self.failure is not None and not self.told:
+            ctx.error(self.failure.stage, self.failure.message,  # type: ignore[arg-type]
+                      address=address)
 
 
 class UpstreamPool:
@@ -96,14 +113,18 @@ def _target_text(raw: str, redact: bool) -> str:
     return repr(re.sub(r"//[^/@]*@", "//<redacted>@", raw) if redact else raw)
 
 
-def check_head(req: wire.Request, items: list[tuple[bytes, bytes]]) -> None:
-    """What the parser lets through but a proxy must not forward: another HTTP version (it would
-    be sent on as HTTP/1.1), a head over the cap that arrived in one piece (the cap must not
-    depend on segmentation), a framing field spelled with `_` (back ends that fold `_` into
-    `-` would see a second framing header: smuggling)."""
+def check_version(req: wire.Request) -> None:
+    """Another HTTP version would be sent on as HTTP/1.1: refused."""
     if req.http_version not in (b"1.1", b"1.0"):
         version = req.http_version.decode("latin-1")
         raise BadRequest(f"HTTP/{version} is not supported on an HTTP/1 connection", 505)
+
+
+def check_head(req: wire.Request, items: list[tuple[bytes, bytes]]) -> None:
+    """What the parser lets through but a proxy must not forward: a head over the cap that
+    arrived in one piece (the cap must not depend on segmentation), a framing field spelled
+    with `_` (back ends that fold `_` into `-` would see a second framing header:
+    smuggling), both Content-Length and Transfer-Encoding."""
     size = len(req.method) + len(req.target)
     for name, value in items:
         size += len(name) + len(value) + 4
@@ -112,6 +133,8 @@ def check_head(req: wire.Request, items: list[tuple[bytes, bytes]]) -> None:
                              "field: refused")
     if size > MAX_HEAD:
         raise BadRequest(f"request head larger than {MAX_HEAD} bytes", 431)
+    if hdr.framing_conflict(items):
+        raise BadRequest("request has both Content-Length and Transfer-Encoding")
 
 
 def parse_target(raw: str, fixed: Target | None, redact: bool) -> tuple[str, str, int, str]:
@@ -164,6 +187,9 @@ async def _serve(ctx: Context, h: Wire, client: Stream, target: Target | None,
                  pool: UpstreamPool | None) -> Connect | None:
     cfg = ctx.cfg
     while True:
+        if ctx.services.stopping:  # shutting down: no new exchange on this connection
+            return None
+        ctx.quiesce = lambda: not h.head_started
         try:
             ev = await h.read_event(client, cfg.head_timeout)
         except StreamTimeout:
@@ -173,11 +199,12 @@ async def _serve(ctx: Context, h: Wire, client: Stream, target: Target | None,
             return None
         except wire.RemoteProtocolError as e:
             text = protocol_error_text(e, cfg.redact)
-            ctx.error("http", f"malformed request: {text}")
-            answer_error(h, client, wire.status_hint(e), f"Bad request: {text}")
+            refuse(ctx, h, client, "http", wire.status_hint(e), f"malformed request: {text}")
             return None
         except ConnectionError:
             return None
+        finally:
+            ctx.quiesce = None
         if type(ev) is not wire.Request:  # ConnectionClosed (clean EOF)
             return None
         if target is None and ev.method == b"CONNECT":
@@ -187,44 +214,58 @@ async def _serve(ctx: Context, h: Wire, client: Stream, target: Target | None,
             return None
 
 
-def refuse(ctx: Context, h: Wire, client: Stream, stage, status: int,
-           message: str, flow: int | None = None, address: str | None = None) -> bool:
-    """Record an error and answer it; the client connection ends."""
-    ctx.error(stage, message, flow, address)
-    answer_error(h, client, status, message, auth.CHALLENGE if status == 407 else ())
-    return False
-
-
 async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
                     target: Target | None, pool: UpstreamPool | None) -> bool:
-    """One request: checks, decision, upstream, then the pump. True: keep the client."""
+    """One request: checks, decision, upstream, then the pump. True: keep the client.
+
+    Once the request can be named (method and URL), it is recorded whatever happens to
+    it: refused requests too, with dumpproxy's answer as their response."""
     started = time.monotonic()  # the flow's duration counts the upstream connect too
     items = list(req.headers.raw_items())
     services = ctx.services
-    if target is None and services.auth is not None and not services.auth.check_basic(items):
-        return refuse(ctx, h, client, "auth", 407, "proxy authentication required")
+    denied = target is None and services.auth is not None and not services.auth.check_basic(
+        items)
     try:
-        check_head(req, items)
-        if hdr.framing_conflict(items):
-            raise BadRequest("request has both Content-Length and Transfer-Encoding")
+        check_version(req)
         scheme, host, port, path = parse_target(req.target.decode("latin-1"), target,
                                                 ctx.cfg.redact)
-    except BadRequest as e:
+    except BadRequest as e:  # no request to record: nothing names it
+        if denied:
+            return refuse(ctx, h, client, "auth", 407, "proxy authentication required",
+                          extra=auth.CHALLENGE)
         return refuse(ctx, h, client, "http", e.status, str(e))
+    address = join_host_port(host, port)
+
+    def record() -> Flow:
+        return Flow(ctx, req.method.decode("latin-1"), scheme, host, port, path,
+                    "HTTP/" + req.http_version.decode(), items, started)
+
+    if denied:
+        return refuse(ctx, h, client, "auth", 407, "proxy authentication required", record(),
+                      extra=auth.CHALLENGE)
+    try:
+        check_head(req, items)
+    except BadRequest as e:
+        return refuse(ctx, h, client, "http", e.status, str(e), record())
     try:
         if pool is not None:
             up = await pool.get(scheme, host, port)
-            record = not ctx.decide(host, port, candidates(host, port, ip=up.ip_host),
-                                    sni=None).passthrough
+            recorded = not ctx.decide(host, port, candidates(host, port, ip=up.ip_host),
+                                      sni=None).passthrough
         else:
             up = await target.connection(ctx)  # type: ignore[union-attr]
-            record = True
+            recorded = True
     except UpstreamError as e:
+        # unreachable: decided on what is known without a connection
+        fl = record() if pool is None or not ctx.decide(
+            host, port, candidates(host, port), sni=None).passthrough else None
         return refuse(ctx, h, client, e.stage, e.status, e.message,  # type: ignore[arg-type]
-                      address=join_host_port(host, port))
-    services.stats.requests += 1
-    fl = Flow(ctx, req.method.decode("latin-1"), scheme, host, port, path,
-              "HTTP/" + req.http_version.decode(), items, started) if record else None
+                      fl, address)
+    if recorded:
+        fl = record()
+    else:  # passed through: counted, not recorded
+        fl = None
+        services.stats.requests += 1
     upgrade = hdr.header_value(items, b"upgrade") is not None and hdr.has_token(
         items, b"connection", b"upgrade")
     out = hdr.forwardable(items, keep_upgrade=upgrade)

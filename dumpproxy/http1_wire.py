@@ -236,15 +236,17 @@ def error_response(status: int, message: str, extra: tuple = ()) -> list:
 
 
 def answer_error(wire: Wire, client: Stream, status: int, message: str,
-                 extra: tuple = ()) -> None:
-    """Best effort error answer; the connection is closed after it."""
+                 extra: tuple = ()) -> bool:
+    """Best effort error answer (the connection is closed after it); False when it could
+    not be sent (the client is gone, or a response head went out already)."""
     if not wire.can_answer:
-        return
+        return False
     try:
         for event in error_response(status, message, extra):
             wire.send(client, event)
     except (h11.LocalProtocolError, ConnectionError):
-        pass
+        return False
+    return True
 
 
 def protocol_error_text(e: h11.ProtocolError, redact: bool) -> str:

@@ -31,7 +31,8 @@ import h2.exceptions
 from dumpproxy import headers as hdr
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow
-from dumpproxy.h2conn import MAX_STREAMS, Connection, new_connection
+from dumpproxy.h2conn import MAX_STREAMS, Connection, goaway, new_connection
+from dumpproxy.schema import Aborted, Stage
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import Upstream, UpstreamError
 
@@ -41,6 +42,9 @@ from dumpproxy.upstream import Upstream, UpstreamError
 # than about the concurrency limit, however fast the client resets.
 RESET_ALLOWANCE = MAX_STREAMS
 H2_ALPN = "h2"
+# What a client resets a stream with when it no longer wants the response (a browser
+# navigating away): orderly, no error.
+CANCELS = (h2.errors.ErrorCodes.CANCEL, h2.errors.ErrorCodes.NO_ERROR)
 
 
 class Leg(enum.Enum):
@@ -141,6 +145,7 @@ class Side:
         raise NotImplementedError
 
     def record(self, flow: Flow, data: bytes) -> None:
+        """Record body bytes sent to this side (the flow counts what was forwarded)."""
         raise NotImplementedError
 
 
@@ -163,7 +168,7 @@ class ClientSide(Side):
         return pair.up_side, pair.up_id
 
     def record(self, flow: Flow, data: bytes) -> None:
-        flow.request_data(data)
+        flow.response_data(data)
 
 
 class ServerSide(Side):
@@ -173,6 +178,12 @@ class ServerSide(Side):
         super().__init__(stream, conn)
         self.up = up
         self.client = client
+        self.waiting: deque[Pair] = deque()  # for a stream slot (the origin's concurrency)
+
+    @property
+    def has_room(self) -> bool:
+        """The origin's SETTINGS_MAX_CONCURRENT_STREAMS allows one more stream."""
+        return self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams
 
     def id_of(self, pair: Pair) -> int:
         return pair.up_id
@@ -190,7 +201,7 @@ class ServerSide(Side):
         return self.client, pair.client_id
 
     def record(self, flow: Flow, data: bytes) -> None:
-        flow.response_data(data)
+        flow.request_data(data)
 
 
 def _regular(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -203,6 +214,18 @@ def _pseudo(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 
 def _forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return hdr.forwardable(headers, http2=True)
+
+
+def _discard(leg: Direction, source: Side | None, sid: int) -> None:
+    """Drop what waits in this direction, giving its window back to the sender:
+    unacknowledged bytes would shrink the source connection's window for good."""
+    unacked = sum(item[1] for item in leg.chunks)
+    leg.chunks.clear()
+    if unacked and source is not None:
+        try:
+            source.conn.acknowledge_received_data(unacked, sid)
+        except h2.exceptions.ProtocolError:
+            pass
 
 
 class ResetBudget:
@@ -236,12 +259,30 @@ class Upstreams:
         """Send the pair's request on the current connection, or queue it for the next."""
         side = self.current
         if side is not None and side.goaway is None and not side.closed:
-            self.bridge.attach(pair, side)
+            if side.has_room and not side.waiting:
+                self.bridge.attach(pair, side)
+            else:  # the origin's concurrency limit: it waits for a stream to end
+                side.waiting.append(pair)
             return
         self.current = None
         self.queued.append(pair)
         if self.connecting is None:
             self.connecting = self.bridge.spawn(self._connect())
+
+    def freed(self, side: ServerSide) -> None:
+        """A stream of this connection ended (or its limit rose): the next waiting go."""
+        bridge = self.bridge
+        while side.waiting and side.has_room and side.goaway is None and not side.closed:
+            pair = side.waiting.popleft()
+            if bridge.client.pairs.get(pair.client_id) is pair:
+                bridge.attach(pair, side)
+
+    def _replace(self, side: ServerSide) -> None:
+        """Streams waiting for a slot on a connection that takes no more: elsewhere."""
+        waiting, side.waiting = side.waiting, deque()
+        for pair in waiting:
+            if self.bridge.client.pairs.get(pair.client_id) is pair:
+                self.place(pair)
 
     def goaway(self, side: ServerSide, last_stream_id: int) -> None:
         """A graceful GOAWAY from this upstream: streams above last_stream_id were not
@@ -254,13 +295,14 @@ class Upstreams:
                 continue
             del side.pairs[up_id]
             side.blocked.pop(up_id, None)
-            if not pair.replayable:
+            if not pair.replayable:  # the client may retry it: orderly, no error
                 self.bridge.refuse(pair)
                 continue
             pair.up_side, pair.up_id, pair.phase = None, 0, Phase.QUEUED
             if pair.up.state is Leg.CLOSED:  # its end goes to the new connection too
                 pair.up.state = Leg.ENDED
             self.place(pair)
+        self._replace(side)
 
     def retire(self, side: ServerSide) -> None:
         """A server connection is done: new streams go to a fresh one."""
@@ -270,6 +312,7 @@ class Upstreams:
         if side in self.servers:
             self.servers.remove(side)
             side.blocked.clear()
+        self._replace(side)
 
     async def _connect(self) -> None:
         bridge = self.bridge
@@ -278,14 +321,11 @@ class Upstreams:
             try:
                 up = await ctx.open_upstream(first.host, first.port, (bridge.host, (H2_ALPN,)))
             except UpstreamError as e:
-                ctx.error(e.stage, e.message, address=first.address)  # type: ignore
-                self._refuse_queued()
+                self._refuse_queued(e.stage, e.message)  # type: ignore[arg-type]
                 return
             if up.tls is None or up.tls.ssl.selected_alpn_protocol() != H2_ALPN:
-                ctx.error("upstream", f"{up.address} no longer speaks HTTP/2",
-                          address=first.address)
                 up.release()
-                self._refuse_queued()
+                self._refuse_queued("upstream", f"{up.address} no longer speaks HTTP/2")
                 return
             side = ServerSide(up.stream, new_connection(client_side=True), up, bridge.client)
             self.servers.append(side)
@@ -300,11 +340,16 @@ class Upstreams:
         finally:
             self.connecting = None
 
-    def _refuse_queued(self) -> None:
+    def _refuse_queued(self, stage: Stage, message: str) -> None:
+        """No fresh connection: the waiting streams are refused, each with the error."""
         queued, self.queued = self.queued, []
+        bridge = self.bridge
+        if not queued:
+            bridge.ctx.error(stage, message, address=bridge.up.address)
         for pair in queued:
-            self.bridge.refuse(pair)
-        self.bridge.client.flush()
+            if bridge.client.pairs.get(pair.client_id) is pair:
+                bridge.refuse(pair, stage, message)
+        bridge.client.flush()
 
 
 class H2Bridge:
@@ -321,6 +366,8 @@ class H2Bridge:
         self.resets = ResetBudget()
         self._tasks: set[asyncio.Future] = set()
         self._end: asyncio.Future | None = None
+        self.cut_by: Aborted = "client"  # whose end cut the streams still open at the end
+        self._goodbye = False  # our GOAWAY went to the client (the proxy is stopping)
 
     # -- tasks --
     def spawn(self, coro) -> asyncio.Future:
@@ -337,8 +384,11 @@ class H2Bridge:
         if exc is not None and self._end is not None and not self._end.done():
             self._end.set_exception(exc)
 
-    def _finish_bridge(self) -> None:
+    def _finish_bridge(self, cut_by: Aborted | None = None) -> None:
+        """End the bridge; cut_by: whose doing, for the streams still open."""
         if self._end is not None and not self._end.done():
+            if cut_by is not None:
+                self.cut_by = cut_by
             self._end.set_result(None)
 
     async def run(self) -> None:
@@ -349,14 +399,19 @@ class H2Bridge:
         self.spawn(self.server_loop(first))
         client = self.spawn(self._client_loop())
         client.add_done_callback(lambda _: self._finish_bridge())
+        self.ctx.quiesce = self._quiesce
         try:
             await self._end
+        except asyncio.CancelledError:
+            self.cut_by = "shutdown"
+            raise
         finally:
+            self.ctx.quiesce = None
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._finish_forwarded()  # e.g. shutdown right after the last byte
-            self._abandon_open_streams()
+            self._cut_open_streams()
             servers = self.upstreams.servers
             for side in servers:
                 side.up.release()
@@ -368,6 +423,17 @@ class H2Bridge:
             servers.clear()
             self.upstreams.queued.clear()
             gc.collect()
+
+    def _quiesce(self) -> bool:
+        """The proxy is stopping: tell the client to open no more streams (once); the
+        connection may close when none is open."""
+        if not self._goodbye:
+            self._goodbye = True
+            try:
+                self.client.stream.write(goaway(self.client.conn.highest_inbound_stream_id))
+            except ConnectionError:
+                pass
+        return not self.client.pairs
 
     def flush_all(self) -> None:
         self.client.flush()
@@ -382,7 +448,7 @@ class H2Bridge:
             return await side.stream.read(idle)
         except StreamTimeout:
             self._goaway_all(f"no data from the {side.name} for {idle:g} s")
-            self._finish_bridge()
+            self._finish_bridge(side.name)  # type: ignore[arg-type]
             return None
 
     def _receive(self, side: Side, data: bytes) -> bool:
@@ -393,7 +459,7 @@ class H2Bridge:
             self._error(f"protocol error from the {side.name}: {e}")
             side.flush()  # h2 queued a GOAWAY for the offender
             self._close_all_but(side)
-            self._finish_bridge()
+            self._finish_bridge(side.name)  # type: ignore[arg-type]
             return False
         for ev in events:
             if self._handle(side, ev) is False:
@@ -407,18 +473,13 @@ class H2Bridge:
         while True:
             try:
                 data = await self._read(side)
-            except ConnectionError as e:
+            except ConnectionError:  # the client went away: its open streams are cut
                 self._finish_forwarded()
-                if side.pairs:  # a reset with nothing in flight is just a close
-                    self._error(f"client connection lost: {e}")
                 return
             if data is None:
                 return
             if not data:
                 self._finish_forwarded()
-                if side.pairs:
-                    self._error(f"client closed the connection with {len(side.pairs)} "
-                                "stream(s) open")
                 self._close_all_but(side)
                 return
             if side.conn.closed:
@@ -432,10 +493,8 @@ class H2Bridge:
                 for s in self.upstreams.servers:
                     await s.stream.drain()
                 await side.stream.drain()
-            except ConnectionError as e:
-                if side.pairs:
-                    self._error(f"connection lost while writing: {e}")
-                return
+            except ConnectionError:
+                return  # the client is gone
 
     async def server_loop(self, side: ServerSide) -> None:
         client = self.client
@@ -444,9 +503,7 @@ class H2Bridge:
                 data = await self._read(side)
             except ConnectionError as e:
                 if side.pairs:
-                    self._error(f"server connection lost: {e}")
-                    self._close_all_but(side)
-                    self._finish_bridge()
+                    self._server_broke(side, f"server connection lost: {e}")
                 else:
                     self.upstreams.retire(side)
                 return
@@ -454,10 +511,8 @@ class H2Bridge:
                 return
             if not data:
                 if side.pairs:
-                    self._error(f"server closed the connection with {len(side.pairs)} "
-                                "stream(s) open")
-                    self._close_all_but(side)
-                    self._finish_bridge()
+                    self._server_broke(side, f"server closed the connection with "
+                                       f"{len(side.pairs)} stream(s) open")
                 else:  # an idle upstream closed (or one that sent GOAWAY): open anew later
                     self.upstreams.retire(side)
                 return
@@ -475,17 +530,26 @@ class H2Bridge:
                 return
             try:
                 await client.stream.drain()
+            except ConnectionError:
+                self._finish_bridge("client")
+                return
+            try:
                 await side.stream.drain()
             except ConnectionError as e:
-                if client.pairs:
-                    self._error(f"connection lost while writing: {e}")
-                self._finish_bridge()
+                self._server_broke(side, f"server connection lost while writing: {e}")
                 return
 
     # -- ending connections --
-    def _error(self, message: str, pair: Pair | None = None) -> None:
+    def _error(self, message: str, pair: Pair | None = None, stage: Stage = "http2") -> None:
         flow = pair.flow.flow if pair is not None and pair.flow is not None else None
-        self.ctx.error("http2", message, flow=flow, address=self.up.address)
+        self.ctx.error(stage, message, flow=flow, address=self.up.address)
+
+    def _server_broke(self, side: ServerSide, message: str) -> None:
+        """An upstream connection broke with streams open: the whole bridge ends (the
+        client's streams on it cannot go on), each open exchange cut by the server."""
+        self._error(message)
+        self._close_all_but(side)
+        self._finish_bridge("server")
 
     def _close_side(self, side: Side) -> None:
         """Our own graceful GOAWAY on this side."""
@@ -508,6 +572,7 @@ class H2Bridge:
                     "responses (HTTP/2 rapid reset): connection closed with ENHANCE_YOUR_CALM")
         self.client.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         self._close_all_but(self.client)
+        self._finish_bridge("client")
 
     def _goaway_all(self, message: str) -> None:
         self._error(message)
@@ -545,6 +610,8 @@ class H2Bridge:
         elif t is h2.events.RemoteSettingsChanged:
             for pair in list(side.blocked.values()):
                 self._pump(side, pair)
+            if isinstance(side, ServerSide):
+                self.upstreams.freed(side)
         elif t is h2.events.StreamReset:
             if self._reset(side, ev) and side is self.client and self.resets.cancel():
                 self._calm_down()
@@ -560,7 +627,7 @@ class H2Bridge:
             self._error(f"{side.name} sent GOAWAY ({ev.error_code!s}, "
                         f"last stream {ev.last_stream_id})")
             self._close_all_but(side)
-            self._finish_bridge()
+            self._finish_bridge(side.name)  # type: ignore[arg-type]
             return False
         return None
 
@@ -569,7 +636,6 @@ class H2Bridge:
         pseudo = _pseudo(headers)
         method = pseudo.get(b":method", b"").decode("latin-1")
         path = pseudo.get(b":path", b"/").decode("latin-1")
-        self.ctx.services.stats.requests += 1
         flow = Flow(self.ctx, method, self.scheme, self.host, self.up.port, path,
                     "HTTP/2.0", _regular(headers))
         out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
@@ -591,8 +657,7 @@ class H2Bridge:
             up_id = conn.get_next_available_stream_id()
             conn.send_headers(up_id, pair.request, end_stream=ended)
         except (h2.exceptions.ProtocolError, h2.exceptions.NoAvailableStreamIDError) as e:
-            self._error(f"cannot open an upstream stream: {e}", pair)
-            self.refuse(pair)
+            self.refuse(pair, "http2", f"cannot open an upstream stream: {e}")
             return
         pair.up_id, pair.up_side, pair.phase = up_id, side, Phase.SENT
         side.pairs[up_id] = pair
@@ -601,11 +666,15 @@ class H2Bridge:
         elif leg.waiting:
             self._pump(side, pair)
 
-    def refuse(self, pair: Pair) -> None:
+    def refuse(self, pair: Pair, stage: Stage | None = None, message: str = "") -> None:
         """The client's stream was not processed upstream: REFUSED_STREAM (a client may
-        retry it)."""
+        retry it); recorded as cut by the server, with the error that says why (none when
+        the origin declined it gracefully: GOAWAY)."""
+        if stage is not None:
+            self._error(message, pair, stage)
+        self._cut(pair, "server")
+        _discard(pair.up, self.client, pair.client_id)  # its window back to the client
         self.client.pairs.pop(pair.client_id, None)
-        pair.flow = None
         try:
             self.client.conn.reset_stream(pair.client_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -639,8 +708,6 @@ class H2Bridge:
         if pair is None:
             side.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             return
-        if pair.flow is not None:
-            side.record(pair.flow, ev.data)
         side.inbound(pair).chunks.append([ev.data, ev.flow_controlled_length])
         target, _ = side.target(pair)
         if target is not None:  # else: its upstream is being opened
@@ -675,13 +742,16 @@ class H2Bridge:
                 data = item[0]
                 n = min(len(data), window, conn.max_outbound_frame_size)
                 if n < len(data):
-                    conn.send_data(tid, data[:n])
+                    piece = data[:n]
                     item[0] = data[n:]
                     ack = n
                 else:
-                    conn.send_data(tid, data)
+                    piece = data
                     leg.chunks.popleft()
                     ack = item[1]  # includes padding
+                conn.send_data(tid, piece)
+                if pair.flow is not None:
+                    target.record(pair.flow, piece)
                 item[1] -= ack
                 leg.sent += n
                 if ack and source is not None:
@@ -704,21 +774,19 @@ class H2Bridge:
             target.blocked[tid] = pair  # again when the window opens
 
     def _drop(self, target: Side, pair: Pair) -> None:
-        """Discard what waits for target's stream of the pair, giving its window back to
-        the sender: unacknowledged bytes would shrink the source connection's window for
-        good."""
-        leg = target.outbound(pair)
+        """Discard what waits for target's stream of the pair (see `_discard`)."""
         target.blocked.pop(target.id_of(pair), None)
-        unacked = sum(item[1] for item in leg.chunks)
-        leg.chunks.clear()
         source, sid = target.source(pair)
-        if unacked and source is not None:
-            try:
-                source.conn.acknowledge_received_data(unacked, sid)
-            except h2.exceptions.ProtocolError:
-                pass
+        _discard(target.outbound(pair), source, sid)
 
     # -- recording --
+    def _cut(self, pair: Pair, by: Aborted) -> None:
+        """Record the exchange as cut short, with what it had moved."""
+        if pair.flow is not None:
+            pair.flow.respond(pair.status, hdr.reason_phrase(pair.status) if pair.status
+                              else "", pair.resp_headers, by)
+            pair.flow = None
+
     def _finish(self, pair: Pair) -> None:
         """The response is complete towards the client: record it, forget the pair."""
         if pair.flow is not None:
@@ -731,7 +799,16 @@ class H2Bridge:
         side = pair.up_side
         if side is not None:
             self._drop(side, pair)  # upload not read
+            if pair.up.state is not Leg.CLOSED:  # the request never ended: end its stream,
+                try:  # or it would hold one of the origin's concurrent streams for good
+                    side.conn.reset_stream(pair.up_id, h2.errors.ErrorCodes.NO_ERROR)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    pass
+                pair.up.state = Leg.CLOSED
             side.pairs.pop(pair.up_id, None)
+            self.upstreams.freed(side)
+        else:
+            _discard(pair.up, self.client, pair.client_id)  # what waited for a connection
         self.client.blocked.pop(pair.client_id, None)
         self.client.pairs.pop(pair.client_id, None)
 
@@ -745,7 +822,7 @@ class H2Bridge:
     def _forwarded_whole(self, pair: Pair) -> bool:
         """The whole response body (per content-length) reached the client; only the
         upstream's END_STREAM is missing."""
-        if not pair.status or pair.flow is None or pair.down.chunks:
+        if not pair.status or pair.flow is None:
             return False
         length = hdr.body_length(pair.flow.method, pair.status, pair.resp_headers)
         return length is not None and length == pair.flow.response_bytes
@@ -768,15 +845,18 @@ class H2Bridge:
             self._finish(pair)
             return False
         self._drop(side, pair)
-        name = getattr(ev.error_code, "name", str(ev.error_code))
-        self._error(f"{side.name} reset the stream ({name})", pair)
-        pair.flow = None
+        if isinstance(side, ServerSide) or ev.error_code not in CANCELS:
+            name = getattr(ev.error_code, "name", str(ev.error_code))
+            self._error(f"{side.name} reset the stream ({name})", pair)
+        self._cut(pair, side.name)  # type: ignore[arg-type]
         self._forget(pair)
         return True
 
-    def _abandon_open_streams(self) -> None:
+    def _cut_open_streams(self) -> None:
+        """The bridge ended with exchanges open: each is cut by whoever ended it (an
+        error for each, when that was the server)."""
         for pair in list(self.client.pairs.values()):
-            if pair.flow is not None:
+            if pair.flow is not None and self.cut_by == "server":
                 self._error("connection closed before the response ended", pair)
-                pair.flow = None
+            self._cut(pair, self.cut_by)
         self.client.pairs.clear()

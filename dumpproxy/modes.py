@@ -44,6 +44,7 @@ class Mode:
         self.connector: Connector | None = None  # None: the shared direct connector
         self.address = ""  #: the listening address, host:port (set once bound)
         self.sockname: tuple | None = None  #: the listening socket's address
+        self.sock: socket.socket | None = None  #: a listening socket made elsewhere (--isolate)
 
     async def serve(self, ctx: Context) -> None:
         raise NotImplementedError
@@ -170,9 +171,10 @@ class SocksAnswer:
             return False
         return True
 
-    async def failed(self, err: UpstreamError) -> None:
+    async def failed(self, err: UpstreamError, dest: Destination) -> bool:
         _write(self.client, socks5.reply(_REPLY_FOR.get(err.kind or "",
                                                         socks5.GENERAL_FAILURE)))
+        return False
 
 
 _REPLY_FOR = {
@@ -236,8 +238,8 @@ class ReverseMode(Mode):
     async def serve(self, ctx: Context) -> None:
         host, port, scheme, authority = self.target
         await serve(ctx, ctx.stream, Destination(
-            host, port, HttpAnswer(ctx, ctx.stream), scheme=scheme, authority=authority,
-            host_header=False))
+            host, port, HttpAnswer(ctx, ctx.stream, scheme, authority), scheme=scheme,
+            authority=authority, host_header=False))
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h

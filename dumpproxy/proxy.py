@@ -64,7 +64,8 @@ class Proxy:
         self.cfg = cfg
         self.services = Services(cfg, writer, hfilter, certs, Connector(cfg))
         self.started = time.monotonic()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, Context] = {}  # each client's task, and its context
+        self._hurry = asyncio.Event()  # a second signal: stop now
         self._ids = 0
         self.modes = [make_mode(spec, cfg) for spec in cfg.modes]
         self.servers: list[asyncio.AbstractServer] = []
@@ -105,7 +106,7 @@ class Proxy:
             self._refuse(ctx, mode)
             return
         task = asyncio.get_running_loop().create_task(self._serve(ctx, mode))
-        self.tasks.add(task)
+        self.tasks[task] = ctx
         task.add_done_callback(functools.partial(self._served, ctx))
 
     def _short_of_descriptors(self) -> bool:
@@ -145,7 +146,7 @@ class Proxy:
             ctx.stream.mark("shutdown")
 
     def _served(self, ctx: Context, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
+        self.tasks.pop(task, None)
         if task.cancelled():  # cancelled before it ran
             ctx.stream.mark("shutdown")
         ctx.close()
@@ -160,10 +161,12 @@ class Proxy:
             spec = mode.spec
             host = spec.listen_host or self.cfg.listen_host
             port = spec.listen_port if spec.listen_port is not None else self.cfg.listen_port
+            if mode.sock is not None:  # listening already (--isolate)
+                host = port = None
             try:
                 server = await loop.create_server(
                     lambda mode=mode: _Accepted(self, mode), host, port,
-                    reuse_address=True, backlog=1024,
+                    reuse_address=True, backlog=1024, sock=mode.sock,
                 )
             except OSError as e:
                 for s in self.servers:
@@ -184,13 +187,31 @@ class Proxy:
                 ca_cert=self.services.certs.ca.cert_path, schema=SCHEMA_VERSION))
         self.services.events.flush()
 
+    def hurry(self) -> None:
+        """A second signal during the grace period: cut what is still in flight now."""
+        self._hurry.set()
+
     async def stop(self, reason: str, grace: float = 0.0) -> None:
-        """Stop accepting, let in-flight work end (up to grace), cancel the rest."""
-        self.stopping = True
+        """Stop accepting; close idle connections at once, let exchanges in flight finish
+        (up to grace, or until `hurry`), then cut the rest (their responses say
+        `aborted: shutdown`) and write `shutdown`."""
+        self.stopping = self.services.stopping = True
         for server in self.servers:
             server.close()
-        if grace and self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=grace)
+        deadline = time.monotonic() + grace
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            while self.tasks and not self._hurry.is_set():
+                for task, ctx in list(self.tasks.items()):
+                    if ctx.quiesce is not None and ctx.quiesce():
+                        task.cancel()  # nothing in flight on it
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.wait({*self.tasks, hurry}, timeout=min(left, 0.05),
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
         deadline = time.monotonic() + SHUTDOWN_GRACE
         while self.tasks and (left := deadline - time.monotonic()) > 0:
             # Again each round: on Python 3.11 asyncio.wait_for can swallow a cancel that

@@ -21,6 +21,8 @@ from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import HostFilter
+from dumpproxy.isolate import IsolationError, Namespace
+from dumpproxy.isolate import start as start_isolation
 from dumpproxy.proxy import ListenError, Proxy
 from dumpproxy.schema import Error
 from dumpproxy.status import (
@@ -36,8 +38,9 @@ from dumpproxy.status import (
     STOP_SIGNALS,
     cannot_run,
 )
+from dumpproxy.wrapenv import RuntimeFiles, prepare
 
-WRAP_GRACE = 5.0  # in-flight exchanges get this long to finish after CMD exits
+NO_GRACE = 0.0  # the events of what is still in flight could not be written anyway
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
           "GIT_SSL_CAINFO")
 
@@ -221,27 +224,52 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     # (one handler throughout: a signal read just before CMD started may run it just after)
     early: list[int] = []
     wrapped: list[asyncio.subprocess.Process] = []
+    hurried: list[int] = []  # a signal that came while stopping: cut everything now
+
+    def hurry(sig: int) -> None:
+        hurried.append(sig)
+        proxy.hurry()
+
+    def on_signal(sig: int) -> None:
+        if stop.is_set():
+            hurry(sig)
+        else:
+            trigger(signal.Signals(sig).name)
 
     def on_wrap_signal(sig: int) -> None:
-        if wrapped:
-            _forward_signal(wrapped[0], sig)
-        else:
+        if not wrapped:
             early.append(sig)
+        elif wrapped[0].returncode is None:
+            _forward_signal(wrapped[0], sig)
+        else:  # CMD is done and its exchanges are finishing
+            hurry(sig)
 
     for sig in STOP_SIGNALS:
-        if command is None:
-            loop.add_signal_handler(sig, trigger, signal.Signals(sig).name)
-        else:
-            loop.add_signal_handler(sig, on_wrap_signal, sig)
+        loop.add_signal_handler(sig, on_signal if command is None else on_wrap_signal, sig)
+    isolation: Namespace | None = None
+    if command is not None and cfg.isolate:
+        try:
+            isolation = await start_isolation(None if cfg.output else sys.stderr.fileno())
+        except IsolationError as e:
+            certs.close()
+            print(f"dumpproxy: error: {e}", file=sys.stderr)
+            return EXIT_RUNTIME
+        proxy.modes += isolation.modes(cfg)
     try:
         await proxy.start()
+        if isolation is not None:
+            await isolation.serve_dns()
     except OSError as e:
+        if isolation is not None:
+            isolation.close()
         certs.close()
         where = e.where if isinstance(e, ListenError) else \
             join_host_port(cfg.listen_host, cfg.listen_port)
         print(f"dumpproxy: error: {listen_error(where, e)}", file=sys.stderr)
         return EXIT_RUNTIME
     if writer.failure is not None:  # not even `listening` could be written
+        if isolation is not None:
+            isolation.close()
         await proxy.stop(REASON_OUTPUT_FAILED)
         return EXIT_RUNTIME
     for mode in proxy.modes:  # open proxies (reverse and transparent are no proxy to use)
@@ -262,27 +290,46 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     # connection).
     gc.freeze()
 
+    def grace(why: str) -> float:
+        """Exchanges in flight may finish, unless their events could not be written."""
+        if why in (REASON_OUTPUT_CLOSED, REASON_OUTPUT_FAILED):
+            return NO_GRACE
+        return cfg.shutdown_grace
+
+    def status(otherwise: int) -> int:
+        if writer.failure is not None:
+            return EXIT_RUNTIME
+        return EXIT_SIGNAL_BASE + hurried[0] if hurried else otherwise
+
     if command is None:
         await stop.wait()
-        await proxy.stop(reason[0])
-        return EXIT_RUNTIME if writer.failure is not None else EXIT_OK
+        await proxy.stop(reason[0], grace(reason[0]))
+        return status(EXIT_OK)
 
     bundle = write_bundle(ca)
     wgetrc = None
+    runtimes = RuntimeFiles()
     try:
         # the first regular or upstream listener, if any (other modes: CMD names the
         # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
         http_proxy = next((f"http://{m.address}" for m in proxy.modes
                            if m.spec.kind in ("regular", "upstream")), None)
+        if isolation is not None:  # every connection is redirected: no proxy to name
+            http_proxy = None
         wgetrc = write_wgetrc(http_proxy, bundle)
         env = wrap_env(http_proxy, bundle, wgetrc)
-        note = no_proxy_note(env)
-        if note and cfg.verbosity >= 0:
-            print(note, file=sys.stderr)
+        command, notes = prepare(runtimes, command, env, http_proxy, bundle, ca.pem,
+                                 cfg.browser_flags)
+        for note in [no_proxy_note(env), *notes]:
+            if note and cfg.verbosity >= 0:
+                print(note, file=sys.stderr)
         try:
-            child = await asyncio.create_subprocess_exec(
-                *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),
-            )
+            if isolation is not None:
+                child = await isolation.run(command, env)
+            else:
+                child = await asyncio.create_subprocess_exec(
+                    *command, env=env, stdout=None if cfg.output else sys.stderr.fileno(),
+                )
         except OSError as e:
             await proxy.stop(cannot_run(command[0]))
             print(f"dumpproxy: error: cannot run {command[0]}: {e.strerror or e}",
@@ -298,12 +345,16 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
             _forward_signal(child, signal.SIGTERM)
         code = await waiter
         stopper.cancel()
-        await proxy.stop(reason[0] if reason else REASON_COMMAND_EXITED, grace=WRAP_GRACE)
-        return EXIT_RUNTIME if writer.failure is not None else _status(code)
+        why = reason[0] if reason else REASON_COMMAND_EXITED
+        await proxy.stop(why, grace(why))
+        return status(_status(code))
     finally:
         os.unlink(bundle)
         if wgetrc is not None:
             os.unlink(wgetrc)
+        runtimes.close()
+        if isolation is not None:
+            isolation.close()
 
 
 def _forward_signal(child: asyncio.subprocess.Process, sig: int) -> None:

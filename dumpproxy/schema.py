@@ -20,7 +20,6 @@ SCHEMA_ID = "https://dumpproxy.invalid/event-schema/v1.json"
 
 Stage = Literal[
     "auth",  # proxy authentication missing or wrong
-    "client",  # the client went away mid-exchange
     "client_tls",  # TLS handshake with the client failed (e.g. it distrusts the CA)
     "decision",  # a pattern took too long to match: passed through, fix the pattern
     "http",  # a malformed or refused HTTP/1 request
@@ -30,7 +29,6 @@ Stage = Literal[
     "reload",  # SIGHUP: a pattern file could not be loaded, or -o FILE not reopened
     "server_connect",  # the destination could not be reached
     "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
-    "shutdown",  # an exchange was cut by shutdown
     "socks5",  # a malformed or refused SOCKS5 handshake or request
     "transparent",  # transparent mode: no original destination, or a redirect loop
     "upstream",  # the destination misbehaved mid-exchange
@@ -148,9 +146,20 @@ class _ResponseHead(TypedDict):
     duration_ms: Ms
 
 
-class Response(_ResponseHead, total=False):
-    """The exchange finished: the last body byte was forwarded. Bodies with --bodies."""
+Aborted = Literal[
+    "client",  # the client went away or cancelled (HTTP/1 close, HTTP/2 RST_STREAM)
+    "server",  # the destination broke off (an `error` says how)
+    "shutdown",  # dumpproxy was stopping and its grace period ran out
+]
+ABORTED: tuple[str, ...] = typing.get_args(Aborted)
 
+
+class Response(_ResponseHead, total=False):
+    """The exchange ended: the last body byte was forwarded, dumpproxy answered the request
+    itself, or the exchange was cut (`aborted`). Bodies with --bodies."""
+
+    aborted: Annotated[Aborted, "the exchange was cut before its end: who cut it (the "
+                                "byte counts say how far it got)"]
     request_body: Annotated[str, "UTF-8 text, or base64 (see request_body_encoding)"]
     request_body_encoding: Literal["base64"]
     request_body_truncated: Literal[True]

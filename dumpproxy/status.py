@@ -12,9 +12,10 @@ EXIT_CANNOT_EXECUTE = 126  # wrap mode: CMD found but could not be run
 EXIT_NOT_FOUND = 127  # wrap mode: CMD not found
 EXIT_SIGNAL_BASE = 128  # wrap mode: CMD killed by signal N gives 128+N
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT  # 130: a second SIGINT during shutdown
+EXIT_TERMINATED = EXIT_SIGNAL_BASE + signal.SIGTERM  # 143: a second SIGTERM during shutdown
 
 EXIT_STATUSES = (EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
-                 EXIT_INTERRUPTED)
+                 EXIT_INTERRUPTED, EXIT_TERMINATED)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RELOAD_SIGNAL = signal.SIGHUP

@@ -10,7 +10,6 @@ for the tunnel's whole life and released at its end.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,10 +20,9 @@ from dumpproxy.clienttls import H2_ALPN, HTTP1_ALPN, SUPPORTED_ALPN, ClientTLS, 
 from dumpproxy.context import Context
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1_server import Target, serve_http1
-from dumpproxy.http1_wire import ProtocolError, Request, Wire, error_response
 from dumpproxy.peek import peek_client, peek_first_bytes
 from dumpproxy.relay import Relay, RelayIdle
-from dumpproxy.streams import Stream, StreamTimeout, TLSStream
+from dumpproxy.streams import Stream, TLSStream
 from dumpproxy.upstream import Upstream, UpstreamError
 
 
@@ -35,8 +33,9 @@ class Answer(Protocol):
         """The upstream connection is up; False when the client could not be told."""
         ...
 
-    async def failed(self, err: UpstreamError) -> None:
-        """It could not be made (the `error` event is written already)."""
+    async def failed(self, err: UpstreamError, dest: Destination) -> bool:
+        """It could not be made; True when the answer recorded the error itself (with the
+        flow of the request it answered), else the shared path writes it."""
         ...
 
 
@@ -72,9 +71,8 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
     try:
         up = await ctx.open_upstream(dest.host, dest.port)
     except UpstreamError as e:
-        ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
-        if dest.answer is not None:
-            await dest.answer.failed(e)
+        if dest.answer is None or not await dest.answer.failed(e, dest):
+            ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
         return
     try:
         if dest.answer is None or dest.answer.connected(up):
@@ -84,34 +82,27 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
 
 
 class HttpAnswer:
-    """For a mode with no protocol of its own (reverse): a failure is answered to the
-    client's first request, when it speaks HTTP."""
+    """For a mode with no protocol of its own (reverse): a failure is the answer to the
+    client's first request, when it speaks HTTP/1 (recorded as that exchange)."""
 
-    def __init__(self, ctx: Context, client: Stream):
+    def __init__(self, ctx: Context, client: Stream, scheme: str, authority: bytes | None):
         self.ctx = ctx
         self.client = client
+        self.scheme = scheme
+        self.authority = authority
 
     def connected(self, up: Upstream) -> bool:
         return True
 
-    async def failed(self, err: UpstreamError) -> None:
+    async def failed(self, err: UpstreamError, dest: Destination) -> bool:
         _, peek = await peek_client(self.client, self.ctx.cfg.peek_timeout)
-        if peek.kind == "http":
-            await answer_with_error(self.ctx, self.client, err)
-
-
-async def answer_with_error(ctx: Context, stream: Stream, err: UpstreamError) -> None:
-    """Give the client's first request a readable error (e.g. upstream TLS failed)."""
-    h = Wire("server")
-    try:
-        ev = await h.read_event(stream, ctx.cfg.head_timeout)
-        if type(ev) is Request:
-            for event in error_response(err.status, err.message):
-                h.send(stream, event)
-            await stream.drain()
-            stream.write_eof()
-    except (ProtocolError, ConnectionError, StreamTimeout, asyncio.TimeoutError):
-        pass
+        if peek.kind != "http":
+            return False
+        target = Target(self.scheme, dest.host, dest.port, None, authority=self.authority,
+                        failure=err)
+        await serve_http1(self.ctx, self.client, target)
+        target.release(self.ctx, dest.address)
+        return True
 
 
 class Tunnel:
@@ -133,18 +124,24 @@ class Tunnel:
     async def run(self) -> None:
         """Peek, decide, then relay or intercept (TLS, or plaintext HTTP/1)."""
         ctx, dest = self.ctx, self.dest
-        if ctx.services.filter.empty:  # nothing could change the outcome: decide now
-            decision = ctx.decide(dest.host, dest.port,
-                                  candidates(dest.host, dest.port, ip=self.up.ip_host), None)
-            data, peek = await self._peek()  # still needed: TLS or plaintext, and the SNI
-        else:
-            data, peek = await self._peek()
-            decision = ctx.decide(dest.host, dest.port, candidates(
-                dest.host, dest.port, ip=self.up.ip_host, sni=peek.sni,
-                host_header=peek.host if dest.host_header else None), peek.sni)
+        # The first bytes are needed anyway (TLS or plaintext): the decision names the SNI
+        # and Host the client sent, patterns or not, at no cost in latency.
+        data, peek = await self._peek()
+        decision = ctx.decide(dest.host, dest.port, candidates(
+            dest.host, dest.port, ip=self.up.ip_host, sni=peek.sni,
+            host_header=peek.host if dest.host_header else None), peek.sni)
         if not data:  # a silent client (or a server-first protocol): the head timeout holds
             left = self.cfg.head_timeout - (time.monotonic() - self.opened)
             await self.relay(first_timeout=max(left, 0.001))
+        elif dest.scheme == "https" and peek.kind != "tls" and (
+                decision.passthrough or peek.kind == "other"):
+            # plaintext that is not ours to speak, for a TLS destination: never relayed
+            # raw into its TLS port
+            ctx.error("http", f"{dest.address} speaks TLS; the client sent plaintext that "
+                      "is neither HTTP/1 nor HTTP/2 (or its destination is passed through): "
+                      "connection closed", address=dest.address)
+        elif peek.kind == "h2c" and dest.scheme == "https":
+            await self.serve_h2c()
         elif decision.passthrough or peek.kind in ("other", "h2c"):
             await self.relay()
         elif peek.kind == "tls":
@@ -176,15 +173,48 @@ class Tunnel:
     async def serve_plain(self) -> None:
         """Plaintext HTTP/1 from the client (TLS to a destination whose scheme says so)."""
         dest = self.dest
+        failure = None
         if dest.scheme == "https" and self.up.tls is None:
             try:
                 await self.up.start_tls(dest.host, (HTTP1_ALPN,))
             except UpstreamError as e:
-                self.ctx.error(e.stage, e.message, address=self.up.address)  # type: ignore
                 self.up.release()
-                await answer_with_error(self.ctx, self.client, e)
-                return
-        await self._http1(self.client, dest.scheme or "http", dest.host, (HTTP1_ALPN,))
+                failure = e
+        await self._http1(self.client, dest.scheme or "http", dest.host, (HTTP1_ALPN,),
+                          failure)
+
+    async def serve_h2c(self) -> None:
+        """HTTP/2 in plaintext (prior knowledge) for a TLS destination: HTTP/2 over TLS to
+        it, when it speaks HTTP/2; else the client is refused with a GOAWAY."""
+        ctx, dest, up = self.ctx, self.dest, self.up
+        try:
+            tls = await up.start_tls(dest.host, (H2_ALPN,))
+        except UpstreamError as e:
+            up.release()
+            ctx.error(e.stage, e.message, address=up.address)  # type: ignore[arg-type]
+            self._refuse_h2(f"{up.address} could not be reached over TLS")
+            return
+        if tls.ssl.selected_alpn_protocol() != H2_ALPN:
+            up.release()
+            ctx.error("http2", f"{up.address} does not speak HTTP/2 (ALPN), and an HTTP/2 "
+                      "client cannot be served over HTTP/1: send HTTP/1 or TLS",
+                      address=up.address)
+            self._refuse_h2("HTTP/2 is not available at the destination: use HTTP/1.1")
+            return
+        from dumpproxy.http2 import H2Bridge
+
+        await H2Bridge(ctx, self.client, up, dest.scheme or "http", dest.host,
+                       dest.authority).run()
+
+    def _refuse_h2(self, reason: str) -> None:
+        from h2.errors import ErrorCodes
+
+        from dumpproxy.h2conn import refusal
+
+        try:
+            self.client.write(refusal(ErrorCodes.HTTP_1_1_REQUIRED, reason))
+        except ConnectionError:
+            pass
 
     async def _upstream_tls(self, name: str, offered: tuple[str, ...]) -> str | None:
         """TLS with the destination before the client's handshake (unless the destination
@@ -208,8 +238,7 @@ class Tunnel:
             try:
                 chosen = await self._upstream_tls(name, offered)
             except UpstreamError as e:
-                upstream_error = e
-                ctx.error(e.stage, e.message, address=up.address)  # type: ignore[arg-type]
+                upstream_error = e  # told to the client's first request
                 up.release()
                 chosen = None
             return (chosen,) if chosen else ((HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
@@ -218,10 +247,14 @@ class Tunnel:
         ctls = await tls.handshake(offer)
         if ctls is None:
             up.release()
+            if upstream_error is not None:
+                ctx.error(upstream_error.stage, upstream_error.message,  # type: ignore
+                          address=up.address)
             await tls.failed()
             return
         if upstream_error is not None:
-            await answer_with_error(ctx, ctls, upstream_error)
+            await self._http1(ctls, self.dest.scheme or "https", name, (), upstream_error)
+            ctls.write_eof()
             return
         tls.serving()
         try:
@@ -246,13 +279,15 @@ class Tunnel:
         await self._http1(ctls, scheme, name,
                           (HTTP1_ALPN,) if HTTP1_ALPN in offered else ())
 
-    async def _http1(self, client: Stream, scheme: str, name: str,
-                     alpn: tuple[str, ...]) -> None:
-        """HTTP/1 requests from the client, all to the destination."""
+    async def _http1(self, client: Stream, scheme: str, name: str, alpn: tuple[str, ...],
+                     failure: UpstreamError | None = None) -> None:
+        """HTTP/1 requests from the client, all to the destination (or, when it could not
+        be reached, the first one answered with the failure)."""
         dest = self.dest
         tls = (name, alpn) if self.up.tls else None  # how to reconnect
-        target = Target(scheme, name, dest.port, self.up, tls, dest.authority)
+        target = Target(scheme, name, dest.port, None if failure else self.up, tls,
+                        dest.authority, failure)
         try:
             await serve_http1(self.ctx, client, target)
         finally:
-            target.upstream.release()
+            target.release(self.ctx, self.up.address)

@@ -76,26 +76,80 @@ class EventSchemaCheck:
 SCHEMA_CHECK = EventSchemaCheck()
 
 
+class FlowCheck:
+    """SPEC §9.1 over a capture: by the time `shutdown` is written, every `request` has
+    exactly one `response` with its flow (and no response is without its request). Fed
+    one event at a time, in output order; a run starts at its first `listening`."""
+
+    def __init__(self) -> None:
+        self.pid: object = None
+        self.requests: dict[int, int] = {}  # flow -> request events seen
+        self.responses: dict[int, int] = {}
+
+    def feed(self, ev: dict, totals: FlowTotals) -> None:
+        kind = ev.get("event")
+        if kind == "listening" and ev.get("pid") != self.pid:
+            self.__init__()  # a new run (-o appends)
+            self.pid = ev.get("pid")
+        elif kind in ("request", "response"):
+            table = self.requests if kind == "request" else self.responses
+            table[ev["flow"]] = table.get(ev["flow"], 0) + 1
+        elif kind == "shutdown":
+            totals.judge(self)
+            self.__init__()
+
+
+class FlowTotals:
+    def __init__(self) -> None:
+        self.checked = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+
+    def judge(self, run: FlowCheck) -> None:
+        problems = []
+        for flow in sorted(set(run.requests) | set(run.responses)):
+            got = (run.requests.get(flow, 0), run.responses.get(flow, 0))
+            if got != (1, 1):
+                problems.append(f"flow {flow}: {got[0]} request(s), {got[1]} response(s)")
+        with self._lock:
+            self.checked += len(run.requests)
+            self.failures += problems
+
+
+FLOW_CHECK = FlowTotals()
+
+
 def parse_events(text: str | bytes) -> list[dict]:
-    """Event lines (JSON Lines output of dumpproxy) parsed and checked against the schema."""
+    """Event lines (JSON Lines output of dumpproxy) parsed and checked against the schema
+    (and, for each run that ends in `shutdown`, that every request has its response)."""
     if isinstance(text, bytes):
         text = text.decode()
-    return [SCHEMA_CHECK.line(line) for line in text.splitlines()]
+    events = [SCHEMA_CHECK.line(line) for line in text.splitlines()]
+    flows = FlowCheck()
+    for ev in events:
+        flows.feed(ev, FLOW_CHECK)
+    return events
 
 
 @pytest.fixture(autouse=True)
 def _events_match_schema():
-    """A test fails when any event line it made dumpproxy write breaks the schema."""
-    before = len(SCHEMA_CHECK.failures)
+    """A test fails when any event line it made dumpproxy write breaks the schema, or when
+    a capture it made ends with a request without exactly one response."""
+    before, flows_before = len(SCHEMA_CHECK.failures), len(FLOW_CHECK.failures)
     yield
     new = SCHEMA_CHECK.failures[before:]
     assert not new, "events that do not match the schema:\n" + "\n".join(new[:20])
+    lost = FLOW_CHECK.failures[flows_before:]
+    assert not lost, "requests without exactly one response:\n" + "\n".join(lost[:20])
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(
         f"event schema: {SCHEMA_CHECK.validated} event lines validated, "
         f"{len(SCHEMA_CHECK.failures)} failed")
+    terminalreporter.write_line(
+        f"record invariant: {FLOW_CHECK.checked} flows checked at shutdown, "
+        f"{len(FLOW_CHECK.failures)} without exactly one response")
 
 
 # --- dumpproxy under test --------------------------------------------------------------
@@ -130,6 +184,7 @@ class DumpProxy:
         self.lines: list[str] = []
         self._arrivals: list[float] = []  # when each line was read (time.time())
         self.events: list[dict] = []
+        self._flows = FlowCheck()
         self._q: queue.Queue = queue.Queue()
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -157,6 +212,7 @@ class DumpProxy:
                     pass  # --format text, or a test that checks non-JSON output
                 else:
                     self.events.append(SCHEMA_CHECK.check(ev, line.rstrip("\n")))
+                    self._flows.feed(ev, FLOW_CHECK)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -495,6 +551,9 @@ class Origin:
         self.server.requests = []  # type: ignore[attr-defined]
         if ssl_context is not None:
             self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+        # A connection reset between select() and accept() would block a blocking accept
+        # for good (and close() with it): accept times out instead, serve_forever goes on.
+        self.server.socket.settimeout(2)
         self.port = self.server.server_address[1]
         self.scheme = "https" if ssl_context else "http"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -12,6 +12,8 @@ semantics follow SocketStream over TCP:
 - Writes to a peer that closed its end are dropped (a socket accepts them into the
   kernel buffer; nobody ever reads them).
 - No back-pressure: writes never block and `drain()` only reports a closed end.
+- `ended` says how the connection ended, as SocketStream does (the first cause wins): the
+  peer's close or half-close is "peer_closed", its abort "peer_reset", ours "proxy_closed".
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class MemStream(Stream):
         self._wake()
 
     def _end(self, exc: BaseException | None = None) -> None:
+        """Nothing more arrives: the peer half-closed, closed or reset (or we closed)."""
+        self.mark("peer_reset" if exc is not None else "peer_closed")  # as SocketStream
         self._eof = True
         if exc is not None and self._exc is None:
             self._exc = exc
@@ -114,6 +118,7 @@ class MemStream(Stream):
     def close(self) -> None:
         if self.closed:
             return
+        self.mark("proxy_closed")
         self.closed = True
         self._end()  # our own reads end too (as after connection_lost)
         if not self.eof_sent:
@@ -123,6 +128,7 @@ class MemStream(Stream):
     def abort(self) -> None:
         if self.closed:
             return
+        self.mark("proxy_closed")
         self.closed = self.aborted = True
         self._end()
         self.peer._end(ConnectionResetError("connection reset by peer"))

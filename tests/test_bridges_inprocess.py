@@ -2,140 +2,29 @@
 
 In the manner of httpcore's AsyncMockStream tests, but with a live peer on each side: the
 client is the test itself (h11 or h2), the origin is a coroutine written in the test (h11
-or h2, server side) reached through a `Connector` whose `tcp()` returns one end of an
-in-memory pipe. The rest is real: Config, HostFilter, Services, Context, serve_http1,
-Exchange and H2Bridge. Every event goes through JSON and the schema check of conftest.
-
-Each test runs in its own event loop, bounded by TIME_LIMIT so that a hang fails the test.
+or h2, server side). The rig (`inprocess`) is real: Config, HostFilter, Services,
+Context, serve_http1, Exchange and H2Bridge. More HTTP/2 cases: test_h2_inprocess.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
-import h2.config
-import h2.connection
 import h2.errors
-import h2.events
 import h11
-import orjson
 import pytest
-from conftest import SCHEMA_CHECK
-from memstream import MemStream, pipe
+from inprocess import CLIENT, ORIGIN_IP, H2Msg, H2Peer, Origin, Rig, h2_request, h2_start, run
+from memstream import MemStream
 
-from dumpproxy.addresses import join_host_port
-from dumpproxy.certs import CertStore
-from dumpproxy.config import Config
-from dumpproxy.context import Context, Services
-from dumpproxy.events import EventWriter
 from dumpproxy.hostfilter import FilterSources
 from dumpproxy.http1_server import Connect, Target, serve_http1
-from dumpproxy.http2 import H2Bridge
-from dumpproxy.streams import SocketStream
-from dumpproxy.upstream import Connector, Upstream
-
-TIME_LIMIT = 10.0  # seconds per test: far above what any of them needs, so only a hang trips it
-ORIGIN_IP = "192.0.2.10"  # TEST-NET-1: where every origin "resolves"
-PROXY_IP = "127.0.0.1"
-CLIENT = "127.0.0.1:50001"  # the first client connection of a rig, as events name it
-
-T = TypeVar("T")
-Origin = Callable[[MemStream], Awaitable[Any]]
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """One test's coroutine in a fresh event loop; a hang fails instead of blocking."""
-    return asyncio.run(asyncio.wait_for(main(), TIME_LIMIT))
-
-
-# --- the proxy's side: real services over in-memory connections --------------------------
-
-
-class Recorder(EventWriter):
-    """Keeps events in memory, each checked against the schema as the JSON it would be."""
-
-    def __init__(self) -> None:
-        super().__init__(-1)  # no descriptor (set_blocking's EBADF is ignored); never flushed
-        self.events: list[dict] = []
-
-    def write(self, ev: dict) -> None:
-        self.events.append(SCHEMA_CHECK.check(orjson.loads(orjson.dumps(ev))))
-
-
-class MemConnector(Connector):
-    """Every upstream connection is a pipe whose far end an origin coroutine serves."""
-
-    def __init__(self, cfg: Config, origin: Origin):
-        super().__init__(cfg)
-        self.origin = origin
-        self.connects: list[str] = []  #: host:port of each tcp() call
-        self.ends: list[MemStream] = []  #: the origin's end of each connection
-        self.tasks: list[asyncio.Task] = []  #: the origin coroutine of each connection
-
-    async def tcp(self, host: str, port: int) -> SocketStream:
-        self.connects.append(join_host_port(host, port))
-        ours, theirs = pipe((PROXY_IP, 40000 + len(self.connects)), (ORIGIN_IP, port))
-        self.ends.append(theirs)
-        self.tasks.append(asyncio.ensure_future(self.origin(theirs)))
-        return cast(SocketStream, ours)  # the SocketStream surface, duck-typed
-
 
 # The events of one exchange on one upstream connection, in order.
 ONE_EXCHANGE = ["server_connect", "decision", "request", "response", "server_disconnect"]
-
-
-class Rig:
-    """One proxy run: configuration, services and the events they wrote."""
-
-    def __init__(self, origin: Origin, **cfg: Any):
-        self.cfg = Config(**cfg)
-        self.recorder = Recorder()
-        self.connector = MemConnector(self.cfg, origin)
-        # No TLS anywhere in these tests: no CA (a CertStore would write one to disk).
-        self.services = Services(self.cfg, self.recorder, self.cfg.sources.load(),
-                                 cast(CertStore, None), self.connector)
-        self._conns = 0
-
-    def connect(self) -> tuple[Context, MemStream]:
-        """A new client connection: the proxy's context over one end, the test's end."""
-        self._conns += 1
-        client, proxy_end = pipe(("127.0.0.1", 50000 + self._conns), (PROXY_IP, 8080))
-        return Context(self.services, cast(SocketStream, proxy_end), self._conns), client
-
-    async def serve(self, ctx: Context, target: Target | None = None) -> Connect | None:
-        """serve_http1 as the proxy runs it: the connection and its upstreams closed after."""
-        try:
-            return await serve_http1(ctx, ctx.stream, target)
-        finally:
-            ctx.close()
-
-    def start(self, target: Target | None = None) -> tuple[MemStream, asyncio.Task]:
-        ctx, client = self.connect()
-        return client, asyncio.ensure_future(self.serve(ctx, target))
-
-    async def origins(self) -> list:
-        """What each origin connection's coroutine returned, in connection order."""
-        return await asyncio.gather(*self.connector.tasks)
-
-    @property
-    def events(self) -> list[dict]:
-        return self.recorder.events
-
-    def kinds(self) -> list[str]:
-        return [e["event"] for e in self.events]
-
-    def of(self, kind: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == kind]
-
-    def check_disconnect(self, ev: dict, index: int = 0) -> None:
-        """server_disconnect counts what the origin's end of that connection saw."""
-        end = self.connector.ends[index]
-        assert (ev["bytes_sent"], ev["bytes_received"]) == (end.bytes_in, end.bytes_out)
-        assert ev["bytes_sent"] > 0
 
 
 # --- HTTP/1 peers ------------------------------------------------------------------------
@@ -438,11 +327,14 @@ def test_origin_closes_mid_body() -> None:
         assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\npart")
         assert reset
         assert rig.kinds() == ["server_connect", "decision", "request", "server_disconnect",
-                               "error"]
-        err = rig.events[-1]
+                               "error", "response"]
+        err, resp = rig.events[-2:]
         assert (err["stage"], err["flow"], err["address"]) == ("upstream", 1, "example.test:80")
         assert err["message"] == ("example.test:80 closed the connection: connection closed "
                                   "before the response ended")
+        # the exchange is in the record, cut by the origin, with what got through
+        assert (resp["flow"], resp["status"], resp["aborted"], resp["response_bytes"]) == (
+            1, 200, "server", 4)
 
     run(main)
 
@@ -469,10 +361,14 @@ def test_malformed_response_head() -> None:
         [req] = await rig.origins()
         assert req.head.target == b"/bad"
         assert rig.kinds() == ["server_connect", "decision", "request", "server_disconnect",
-                               "error"]
-        err = rig.events[-1]
+                               "error", "response"]
+        err, answered = rig.events[-2:]
         assert (err["stage"], err["flow"], err["address"]) == ("upstream", 1, "example.test:80")
         assert err["message"] == resp.body.decode().rstrip("\n")  # what the client was told
+        # dumpproxy's own answer is the exchange's response, as the client got it
+        assert (answered["flow"], answered["status"], answered["response_bytes"]) == (
+            1, 502, len(resp.body))
+        assert "aborted" not in answered
 
     run(main)
 
@@ -536,12 +432,12 @@ def test_client_gone_mid_upload(framing: str) -> None:
     async def main() -> None:
         rig, msg, outcome = await client_gone_mid_upload(framing)
         assert (msg.head.target, msg.body, outcome) == (b"/up", b"x" * 10, "cut")
+        # the client's own doing: no error, the exchange cut by the client
         assert rig.kinds() == ["server_connect", "decision", "request", "server_disconnect",
-                               "error"]
-        err = rig.events[-1]
-        assert (err["stage"], err["flow"], err["address"]) == ("client", 1, "example.test:80")
-        assert err["message"].startswith("client connection lost: ")
-        assert rig.of("response") == []
+                               "response"]
+        resp = rig.events[-1]
+        assert (resp["flow"], resp["status"], resp["aborted"]) == (1, 0, "client")
+        assert resp["request_bytes"] == 10
 
     run(main)
 
@@ -549,9 +445,8 @@ def test_client_gone_mid_upload(framing: str) -> None:
 def test_client_gone_mid_upload_is_not_called_malformed() -> None:
     async def main() -> None:
         rig, _, _ = await client_gone_mid_upload("content-length")
-        err = rig.events[-1]
-        assert err["stage"] == "client"
-        assert err["message"] == "client connection lost: closed before the request body ended"
+        assert not rig.of("error")  # a departure, not a malformed body
+        assert rig.events[-1]["aborted"] == "client"
 
     run(main)
 
@@ -710,11 +605,14 @@ def test_content_length_with_transfer_encoding_is_refused() -> None:
         assert resp.status == 400
         assert resp.body == b"request has both Content-Length and Transfer-Encoding\n"
         assert rig.connector.connects == []  # refused before any upstream
-        assert rig.kinds() == ["error"]
-        err = rig.events[0]
+        # a request that can be named is in the record, with the answer it got
+        assert rig.kinds() == ["request", "error", "response"]
+        req, err, answered = rig.events
         assert (err["stage"], err["message"]) == (
             "http", "request has both Content-Length and Transfer-Encoding")
-        assert "flow" not in err
+        assert err["flow"] == req["flow"] == answered["flow"] == 1
+        assert (req["method"], req["url"]) == ("POST", "http://example.test/")
+        assert (answered["status"], answered["response_bytes"]) == (400, len(resp.body))
 
     run(main)
 
@@ -734,9 +632,11 @@ def test_proxy_authentication() -> None:
             assert resp.status == 407 and not reset
             assert resp.headers["proxy-authenticate"] == 'Basic realm="dumpproxy"'
         assert rig.connector.connects == []
-        assert rig.kinds() == ["error", "error"]
-        assert {(e["stage"], e["message"]) for e in rig.events} == {
+        assert rig.kinds() == ["request", "error", "response"] * 2
+        assert {(e["stage"], e["message"]) for e in rig.of("error")} == {
             ("auth", "proxy authentication required")}
+        assert [e["status"] for e in rig.of("response")] == [407, 407]
+        assert [e["flow"] for e in rig.of("error")] == [1, 2]
 
         client, serving = rig.start()
         c = H1(client, h11.CLIENT)
@@ -747,7 +647,7 @@ def test_proxy_authentication() -> None:
         assert resp is not None and resp.status == 200
         [[req]] = await rig.origins()
         assert "proxy-authorization" not in req.headers  # the credentials stop here
-        [ev] = rig.of("request")
+        ev = rig.of("request")[-1]
         assert ev["conn"] == 3
         assert ev["headers"]["proxy-authorization"] == "Basic <redacted>"
 
@@ -813,98 +713,6 @@ def test_tunnel_target_reconnects_after_close() -> None:
 
 
 # --- HTTP/2 ------------------------------------------------------------------------------
-
-
-@dataclass
-class H2Msg:
-    """What one side received on one stream."""
-
-    headers: list = field(default_factory=list)
-    body: bytes = b""
-    trailers: list = field(default_factory=list)
-    ended: bool = False
-    reset: h2.errors.ErrorCodes | int | None = None
-
-    def pseudo(self, name: bytes) -> bytes | None:
-        return dict(self.headers).get(name)
-
-
-class H2Peer:
-    """One side of an HTTP/2 connection in a test, driven with h2."""
-
-    def __init__(self, stream: MemStream, client_side: bool):
-        self.stream = stream
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=client_side, header_encoding=None))
-        self.streams: dict[int, H2Msg] = {}
-        self.goaway: h2.events.ConnectionTerminated | None = None
-        self.eof = False
-        self.conn.initiate_connection()
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and not self.stream.closed:
-            self.stream.write(data)
-
-    def msg(self, sid: int) -> H2Msg:
-        return self.streams.setdefault(sid, H2Msg())
-
-    def ended(self, *sids: int) -> bool:
-        return all(sid in self.streams and self.streams[sid].ended for sid in sids)
-
-    async def until(self, cond: Callable[[], bool]) -> None:
-        """Receive (and answer what h2 answers by itself) until cond() holds."""
-        while not cond():
-            if self.eof:
-                raise AssertionError("the connection closed first")
-            data = await self.stream.read()
-            if not data:
-                self.eof = True
-                continue
-            for ev in self.conn.receive_data(data):
-                self._on(ev)
-            self.flush()
-
-    def _on(self, ev: Any) -> None:
-        if isinstance(ev, (h2.events.RequestReceived, h2.events.ResponseReceived)):
-            self.msg(ev.stream_id).headers = list(ev.headers)
-        elif isinstance(ev, h2.events.DataReceived):
-            self.msg(ev.stream_id).body += ev.data
-            self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-        elif isinstance(ev, h2.events.TrailersReceived):
-            self.msg(ev.stream_id).trailers = list(ev.headers)
-        elif isinstance(ev, h2.events.StreamEnded):
-            self.msg(ev.stream_id).ended = True
-        elif isinstance(ev, h2.events.StreamReset):
-            self.msg(ev.stream_id).reset = ev.error_code
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.goaway = ev
-
-    def close(self) -> None:
-        """GOAWAY, then close (as a client leaving politely)."""
-        self.conn.close_connection()
-        self.flush()
-        self.stream.close()
-
-
-def h2_request(method: str, path: str, *extra: tuple[bytes, bytes]) -> list:
-    return [(b":method", method.encode()), (b":scheme", b"https"),
-            (b":authority", b"example.test"), (b":path", path.encode()), *extra]
-
-
-async def h2_start(rig: Rig) -> tuple[MemStream, asyncio.Task]:
-    """An H2Bridge on a client connection, towards example.test:443 (plain, in memory)."""
-    ctx, client = rig.connect()
-    up: Upstream = await ctx.open_upstream("example.test", 443)
-
-    async def bridge() -> None:
-        try:
-            await H2Bridge(ctx, ctx.stream, up, "https", "example.test").run()
-        finally:
-            ctx.close()  # as the tunnel does: the upstream goes with the bridge
-
-    return client, asyncio.ensure_future(bridge())
 
 
 def test_h2_get_and_post_on_one_connection() -> None:
@@ -984,10 +792,10 @@ def test_h2_client_resets_a_stream() -> None:
         [seen] = await rig.origins()
         assert seen[1].reset == h2.errors.ErrorCodes.CANCEL
         assert not seen[1].body
-        assert rig.kinds() == ["server_connect", "request", "error", "server_disconnect"]
-        err = rig.of("error")[0]
-        assert (err["stage"], err["message"]) == ("http2", "client reset the stream (CANCEL)")
-        assert (err["flow"], err["address"]) == (1, "example.test:443")
+        # a client's cancel is orderly: no error, the exchange cut by the client
+        assert rig.kinds() == ["server_connect", "request", "response", "server_disconnect"]
+        resp = rig.of("response")[0]
+        assert (resp["flow"], resp["status"], resp["aborted"]) == (1, 0, "client")
 
     run(main)
 

@@ -53,6 +53,10 @@ WRAP_VARIABLES = [
     "CURL_CA_BUNDLE",
     "NODE_EXTRA_CA_CERTS",
     "GIT_SSL_CAINFO",
+    "NODE_OPTIONS",
+    "DENO_CERT",
+    "JAVA_TOOL_OPTIONS",
+    "PHP_INI_SCAN_DIR",
 ]
 
 # An option token: -x or --long-name, not part of a longer word (so "plain-HTTP" or

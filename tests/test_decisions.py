@@ -649,19 +649,33 @@ def test_ipv6_target_matched_bare_and_bracketed(dumpproxy, pki):
         o.close()
 
 
-def test_no_patterns_intercept_at_once_before_any_client_byte(dumpproxy, pki, origin):
+def test_no_patterns_decision_names_what_the_client_sent(dumpproxy, pki, origin):
+    """Without patterns the decision still names the Host (and SNI) the client sent: it
+    waits only for the head, which the exchange needs anyway (a peek timeout of 30 s would
+    outlast the client's socket timeout of 15 s)."""
     port = origin.port
     p = start(dumpproxy, pki, "--peek-timeout", "30", hosts=None)
     s = tunnel(p, f"127.0.0.1:{port}")
-    d = decision(p, timeout=5)  # nothing sent yet; the peek would wait 30 s
-    assert fields(d) == expect(f"127.0.0.1:{port}", "intercept", "default", None, None, None,
-                               [f"127.0.0.1:{port}"], None)
-    assert plain_get(s, f"Host: 127.0.0.1:{port}") == (200, b"hello\n")
+    assert plain_get(s, f"Host: localhost:{port}") == (200, b"hello\n")
     s.close()
+    d = decision(p, timeout=5)
+    assert fields(d) == expect(f"127.0.0.1:{port}", "intercept", "default", None, None, None,
+                               [f"127.0.0.1:{port}", f"localhost:{port}"], None)
     req = p.wait_for(lambda e: e["event"] == "request" and e["conn"] == d["conn"])
     assert req["url"] == f"http://127.0.0.1:{port}/small"
     resp = p.wait_for(lambda e: e["event"] == "response" and e["conn"] == d["conn"])
     assert (resp["status"], resp["flow"]) == (200, req["flow"])
+
+
+def test_no_patterns_decision_names_the_sni(dumpproxy, pki, tls_origin):
+    port = tls_origin.port
+    p = start(dumpproxy, pki)
+    ca = str(p.home / "ca-cert.pem")
+    r = curl("-x", p.url, "--cacert", ca, f"https://example.com:{port}/small")
+    assert r.returncode == 0 and r.stdout == b"hello\n", r.stderr
+    d = decision(p, timeout=5)
+    assert (d["sni"], d["reason"], d["action"]) == ("example.com", "default", "intercept")
+    assert d["candidates"] == [f"127.0.0.1:{port}", f"example.com:{port}"]
 
 
 # --------------------------------------------------------------------------- plain HTTP

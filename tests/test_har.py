@@ -151,7 +151,7 @@ def test_http2_capture(dumpproxy, pki, h2_origin, home, tmp_path):
     doc, _ = har(str(cap))
     entries = check_har(doc)
     assert [(e.request.method, e.status, e.response.httpVersion) for e in entries] == [
-        ("GET", 200, "HTTP/2.0"), ("GET", 200, "HTTP/2.0")]
+        ("GET", 200, "HTTP/2"), ("GET", 200, "HTTP/2")]  # as Firefox writes it
     raw = doc["log"]["entries"]
     assert [e["request"]["url"] for e in raw] == [h2_origin.url("/small"),
                                                   h2_origin.url("/echo?q=1")]
@@ -240,7 +240,7 @@ def test_failed_exchanges(dumpproxy, origin, closing_origin, tmp_path):
     r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}",
              f"http://127.0.0.1:{closing_origin}/gone")
     assert r.stdout == b"502", r
-    closed = Origin()  # nothing listening there: an error without an exchange
+    closed = Origin()  # nothing listening there: dumpproxy answers 502 itself
     port = closed.port
     closed.close()
     r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/")
@@ -248,17 +248,22 @@ def test_failed_exchanges(dumpproxy, origin, closing_origin, tmp_path):
     assert curl("-x", p.url, "-o", "/dev/null", origin.url("/small")).returncode == 0
     cap = capture_of(p, tmp_path / "err.jsonl")
     events = events_of(cap)
-    err = next(e for e in events if e["event"] == "error" and e.get("flow"))
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 2 and all(e.get("flow") for e in errors)
     doc, _ = har(str(cap))
     entries = check_har(doc)
-    assert [e.status for e in entries] == [0, 200]
-    failed = doc["log"]["entries"][0]
-    assert failed["request"]["url"] == f"http://127.0.0.1:{closing_origin}/gone"
-    assert failed["comment"] == f"{err['stage']}: {err['message']}"
-    assert failed["response"]["_error"] == failed["comment"]
-    assert failed["_flow"] == err["flow"]
-    assert failed["serverIPAddress"] == "127.0.0.1"
-    assert doc["log"]["comment"].startswith("converted by dumpproxy har: 2 entries (1 failed)")
+    # every exchange is an entry, with the status the client got and the error as comment
+    assert [e.status for e in entries] == [502, 502, 200]
+    for entry, err, url in zip(doc["log"]["entries"], errors, (
+            f"http://127.0.0.1:{closing_origin}/gone", f"http://127.0.0.1:{port}/"),
+            strict=False):
+        assert entry["request"]["url"] == url
+        assert entry["comment"] == f"{err['stage']}: {err['message']}"
+        assert entry["response"]["_error"] == entry["comment"]
+        assert entry["_flow"] == err["flow"]
+    assert doc["log"]["entries"][0]["serverIPAddress"] == "127.0.0.1"
+    assert "comment" not in doc["log"]["entries"][2]
+    assert doc["log"]["comment"].startswith("converted by dumpproxy har: 3 entries (2 failed)")
 
 
 def test_cut_off_capture_and_split_files(dumpproxy, origin, tmp_path):

@@ -809,12 +809,16 @@ def test_client_goes_away_mid_download(dumpproxy, origin):
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                       (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
     c.close()
-    err = p.wait_for(lambda e: e["event"] == "error")
-    assert err["stage"] == "client" and err["flow"] == p.of("request")[0]["flow"]
+    # the client's own doing: no error; the exchange is cut by the client, with the bytes
+    # that reached it so far
+    resp = p.wait_for(lambda e: e["event"] == "response")
+    assert (resp["flow"], resp["status"], resp["aborted"]) == (
+        p.of("request")[0]["flow"], 200, "client")
+    assert 1024 * 1024 <= resp["response_bytes"] < 104857600
     p.wait_for(lambda e: e["event"] == "client_disconnect")
     sd = p.wait_for(lambda e: e["event"] == "server_disconnect")
     assert sd["bytes_received"] < 104857600
-    assert not p.of("response")
+    assert not p.of("error")
     assert proxied(p, origin.url("/small")).stdout == b"hello\n"
 
 
@@ -847,7 +851,12 @@ def test_malformed_request_gets_4xx_and_proxy_keeps_serving(dumpproxy, origin, k
     err = p.wait_for(lambda e: e["event"] == "error")
     assert err["stage"] == "http" and err["message"]
     assert not origin.requests, "a bad request must not reach the origin"
-    assert not p.of("request")
+    if kind == "cl_and_te":  # a request that can be named: in the record, with its 400
+        [req] = p.of("request")
+        resp = p.wait_for(lambda e: e["event"] == "response")
+        assert req["flow"] == err["flow"] == resp["flow"] and resp["status"] == 400
+    else:  # nothing names it: the error alone
+        assert not p.of("request") and "flow" not in err
     r = proxied(p, origin.url("/small"))
     assert r.returncode == 0 and r.stdout == b"hello\n"
 
@@ -908,8 +917,10 @@ def test_200mb_upload_memory_flat(dumpproxy, origin, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_mid_response_ends_with_error_then_shutdown(dumpproxy, origin, sig):
-    p = dumpproxy()
+def test_signal_mid_response_past_the_grace_is_cut_then_shutdown(dumpproxy, origin, sig):
+    """A response still streaming when the grace period runs out is cut: its `response`
+    says so (aborted: shutdown, the bytes so far), then `shutdown` is the last line."""
+    p = dumpproxy("--shutdown-grace", "0.5")
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     client = subprocess.Popen(["curl", "-sS", "-x", p.url, "-o", "/dev/null",
                                origin.url("/slow?n=100")], env=env,
@@ -931,15 +942,73 @@ def test_signal_mid_response_ends_with_error_then_shutdown(dumpproxy, origin, si
                           "errors", "uptime_s"]
     assert last["reason"] == sig.name
     assert last["connections"] == 1 and last["requests"] == 1 and last["passthrough"] == 0
-    assert last["errors"] >= 1 and isinstance(last["uptime_s"], float)
-    errors = [i for i, e in enumerate(events) if e["event"] == "error"]
-    assert errors, "the interrupted exchange has an error event"
-    err = events[errors[-1]]
-    assert err["flow"] == req["flow"] and err["stage"] == "shutdown"
-    kinds_after = [e["event"] for e in events[errors[-1] + 1:-1]]
+    assert last["errors"] == 0 and isinstance(last["uptime_s"], float)
+    [resp] = [e for e in events if e["event"] == "response"]
+    assert (resp["flow"], resp["status"], resp["aborted"]) == (req["flow"], 200, "shutdown")
+    assert 0 < resp["response_bytes"] < 100
+    kinds_after = [e["event"] for e in events[events.index(resp) + 1:-1]]
     assert set(kinds_after) <= {"server_disconnect", "client_disconnect"}
-    assert not p.of("response")
+    assert not p.of("error")
     assert b"Traceback" not in p.stderr
+
+
+def test_signal_lets_the_exchange_in_flight_finish(dumpproxy, origin):
+    """SIGTERM with a response streaming: no new connection is accepted, the exchange
+    finishes whole within the grace period, then `shutdown`; an idle keep-alive client is
+    let go at once."""
+    p = dumpproxy()
+    idle = Raw(p.port)  # a keep-alive connection between requests
+    idle.send(get(origin.url("/small")))
+    assert idle.response().status == 200
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    client = subprocess.Popen(["curl", "-sS", "-x", p.url, origin.url("/slow?n=10")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.wait_for(lambda e: e["event"] == "request", count=2)
+        p.proc.send_signal(signal.SIGTERM)
+        assert idle.at_eof()  # closed at once: it had nothing in flight
+        with pytest.raises(OSError):  # the listener is closed
+            socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
+        out, _ = client.communicate(timeout=10)
+        assert client.returncode == 0 and out == b"x" * 10  # the whole body (2 s of it)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        idle.close()
+    assert p.proc.wait(timeout=10) == 0  # on its own, once the exchange is done
+    p.stop()
+    events = parse_events("".join(p.lines))
+    responses = [e for e in events if e["event"] == "response"]
+    assert [(e["status"], e["response_bytes"], e.get("aborted")) for e in responses] == [
+        (200, 6, None), (200, 10, None)]
+    assert events[-1]["event"] == "shutdown" and events[-1]["reason"] == "SIGTERM"
+    assert not p.of("error")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_second_signal_ends_at_once(dumpproxy, origin, sig):
+    """A second signal during the grace period cuts what is in flight at once: the cut
+    exchange's response and `shutdown` are still written whole; exit 128+N."""
+    p = dumpproxy("--shutdown-grace", "60")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    client = subprocess.Popen(["curl", "-sS", "-x", p.url, "-o", "/dev/null",
+                               origin.url("/slow?n=100")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p.wait_for(lambda e: e["event"] == "request")
+        p.proc.send_signal(sig)
+        time.sleep(0.5)  # in the grace period
+        assert p.proc.poll() is None
+        assert p.stop(sig) == 128 + sig
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    events = parse_events("".join(p.lines))
+    [resp] = [e for e in events if e["event"] == "response"]
+    assert resp["aborted"] == "shutdown"
+    assert events[-1]["event"] == "shutdown" and events[-1]["reason"] == sig.name
 
 
 # --- output side ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def test_socks5h_intercepts_https_with_domain_name(dumpproxy, tls_origin, pki):
     d = p.wait_for(lambda e: e["event"] == "decision")
     assert d["action"] == "intercept" and d["address"] == f"localhost:{port}"
     assert d["candidates"] == [f"127.0.0.1:{port}", f"localhost:{port}"]
-    assert d["sni"] is None  # no patterns: decided at once, before the ClientHello
+    assert d["sni"] == "localhost"  # what the client sent, patterns or not
     resp = p.wait_for(lambda e: e["event"] == "response")
     assert resp["url"] == url and resp["status"] == 200
     sides = {e["side"] for e in p.of("tls")}

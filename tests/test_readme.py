@@ -99,6 +99,34 @@ def test_example_ci_capture(tmp_path, bin_dir, tls_origin, pki):
     assert bundle.count(b"BEGIN CERTIFICATE") > 10
 
 
+def test_ci_capture_recipe_keeps_a_request_in_flight_at_kill(tmp_path, bin_dir, tls_origin,
+                                                             pki):
+    """The recipe with a slow download still running in the background at `kill -TERM`
+    (a suite whose job left a request open): the client gets its whole response, and the
+    capture has it, within the default grace period."""
+    recipe = marked_blocks()["ci-capture"]
+    slow = ('curl -sS -o slow.out "$ORIGIN_URL/slow?n=10" &\nslow_pid=$!\n'
+            'until grep -q "/slow" traffic.jsonl; do sleep 0.05; done\n')
+    marker = 'kill -TERM "$proxy_pid"'
+    assert marker in recipe
+    recipe = recipe.replace(marker, slow + marker, 1) + 'wait "$slow_pid"\n'
+    work = tmp_path / "ci"
+    work.mkdir()
+    (work / "recipe.sh").write_text(recipe)
+    origin_url = f"https://localhost:{tls_origin.port}"
+    env = clean_env(tmp_path, bin_dir, ORIGIN_URL=origin_url, SSL_CERT_FILE=str(pki.ca_path))
+    r = run_bash(["-eu", "-o", "pipefail", "recipe.sh"], cwd=work, env=env)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert (work / "slow.out").read_bytes() == b"x" * 10  # 2 s of it, after the TERM
+    events = parse_events((work / "traffic.jsonl").read_text())
+    assert events[-1]["event"] == "shutdown" and events[-1]["reason"] == "SIGTERM"
+    [slow_resp] = [e for e in events if e["event"] == "response" and "/slow" in e["url"]]
+    assert (slow_resp["status"], slow_resp["response_bytes"]) == (200, 10)
+    assert "aborted" not in slow_resp
+    assert re.fullmatch(r"\s+2 200\n\s+1 404\n", r.stdout.partition("status counts:\n")[2])
+    assert not [e for e in events if e["event"] == "error"]
+
+
 def test_ci_capture_recipe_fails_when_proxy_cannot_start(tmp_path, bin_dir):
     """The wait loop does not spin forever when dumpproxy dies at startup."""
     recipe = marked_blocks()["ci-capture"]
@@ -171,14 +199,14 @@ def test_example_jq_cookbook(tmp_path, bin_dir, origin, tls_origin, pki):
     plain = f"127.0.0.1:{origin.port}"
     passed = f"127.0.0.1:{other.port}"
     checks = {
-        "every response": lambda out: (
-            len(out) == 3 and {json.loads(x)[0] for x in out} == {200, 404}
+        "every response": lambda out: (  # the 502 of the unreachable origin is one too
+            len(out) == 4 and {json.loads(x)[0] for x in out} == {200, 404, 502}
             and all(json.loads(x)[1] == "GET" for x in out)),
         "hosts contacted": lambda out: (
             f"{tls} 127.0.0.1:{tls_origin.port}" in out and f"{plain} {plain}" in out
             and f"{passed} {passed}" in out),
         "status counts": lambda out: (
-            sorted(x.split() for x in out) == [["1", "404"], ["2", "200"]]),
+            sorted(x.split() for x in out) == [["1", "404"], ["1", "502"], ["2", "200"]]),
         "slowest": lambda out: (
             1 <= len(out) <= 5 and all(isinstance(json.loads(x)[0], (int, float))
                                        for x in out)),

@@ -29,8 +29,12 @@ def test_proxyauth_required_and_never_forwarded(dumpproxy, origin):
     seen = json.loads(r.stdout)
     assert seen["path"] == "/echo"
     assert not any(k.lower() == "proxy-authorization" for k in seen["headers"])
-    req = p.wait_for(lambda e: e["event"] == "request")
-    assert req["headers"]["proxy-authorization"] == "Basic <redacted>"
+    # every request is in the record: the refused ones with their 407
+    reqs = p.wait_for(lambda e: e["event"] == "request", count=3) and p.of("request")
+    assert "proxy-authorization" not in reqs[0]["headers"]
+    assert [r["headers"]["proxy-authorization"] for r in reqs[1:]] == ["Basic <redacted>"] * 2
+    statuses = p.wait_for(lambda e: e["event"] == "response", count=3) and p.of("response")
+    assert [e["status"] for e in statuses] == [407, 407, 200]
 
 
 def test_proxyauth_on_connect(dumpproxy, tls_origin, pki):

@@ -13,6 +13,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import httpx
@@ -558,9 +559,14 @@ def test_untrusted_upstream_is_502_and_k_works(dumpproxy, tls_origin, loop_env):
     assert "--upstream-ca" in text and "-k" in text
     err = dp.wait_for(lambda e: e["event"] == "error" and e["stage"] == "server_tls")
     assert err["address"] == f"localhost:{tls_origin.port}"
-    assert "certificate" in err["message"]
+    assert "certificate" in err["message"] and err["message"] == text.rstrip("\n")
     assert not dp.of("tls", side="server")
-    assert not dp.of("request") and not dp.of("response")
+    # the request the client sent is in the record, answered by dumpproxy; the error,
+    # written when it was answered, carries its flow
+    [req] = dp.of("request")
+    resp = dp.wait_for(lambda e: e["event"] == "response")
+    assert req["flow"] == err["flow"] == resp["flow"]
+    assert (req["url"], resp["status"]) == (f"https://localhost:{tls_origin.port}/small", 502)
     assert tls_origin.requests == []  # never silently downgraded
 
     dpk = dumpproxy("-k", env=loop_env)
@@ -624,6 +630,57 @@ def test_python_client_without_dumpproxy_ca_fails_with_hint(dumpproxy, tls_origi
         ctx.wrap_socket(open_tunnel(dp.port, f"localhost:{tls_origin.port}"),
                         server_hostname="localhost")
     _client_tls_error(dp)
+
+
+# --- a failed client handshake is worded by its cause -------------------------------------
+
+
+def _handshake_fails(dp, port: int, ctx: ssl.SSLContext) -> dict:
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        ctx.wrap_socket(open_tunnel(dp.port, f"localhost:{port}"), server_hostname="localhost")
+    return dp.wait_for(lambda e: e["event"] == "error" and e["stage"] == "client_tls")
+
+
+@pytest.mark.parametrize("cause", ["old_version", "cbc_only"])
+def test_no_common_ground_is_no_certificate_problem(dumpproxy, tls_origin, pki, cause):
+    """A client that offers nothing the proxy speaks is told what was missing, not to trust
+    the CA (no certificate was ever sent): testssl.sh's probes, old clients."""
+    dp = dumpproxy("--upstream-ca", str(pki.ca_path))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if cause == "old_version":
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with warnings.catch_warnings():  # deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        expected = "TLS versions dumpproxy does not speak"
+    else:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256")  # CBC only
+        expected = "no cipher suite dumpproxy accepts"
+    err = _handshake_fails(dp, tls_origin.port, ctx)
+    assert expected in err["message"], err
+    assert "trust the dumpproxy CA" not in err["message"] and "--print-ca" not in err["message"]
+
+
+def test_intercepting_side_offers_aead_suites_only(dumpproxy, tls_origin, pki):
+    """Mozilla's "intermediate" profile: no CBC suite is accepted from a client (LUCKY13),
+    and an AEAD one is."""
+    dp = dumpproxy("--upstream-ca", str(pki.ca_path))
+    ca = str(dp.home / "ca-cert.pem")
+    for cipher in ("ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA", "AES128-GCM-SHA256"):
+        r = subprocess.run(["openssl", "s_client", "-connect", f"localhost:{tls_origin.port}",
+                            "-proxy", f"127.0.0.1:{dp.port}", "-tls1_2", "-cipher", cipher,
+                            "-servername", "localhost"], input=b"", capture_output=True,
+                           timeout=20)
+        assert b"Cipher is (NONE)" in r.stdout or r.returncode != 0, (cipher, r.stdout[-300:])
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    with ctx.wrap_socket(open_tunnel(dp.port, f"localhost:{tls_origin.port}"),
+                         server_hostname="localhost") as tls:
+        assert tls.cipher()[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
 
 
 # --- passthrough ------------------------------------------------------------------------
