@@ -17,6 +17,7 @@ from dumpproxy import __version__
 from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
 from dumpproxy.config import Config
 from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
+from dumpproxy.http1_wire import PARSER_ENV, choose_parser, parser_version
 from dumpproxy.modespec import ModeError, ModeSpec, parse_mode
 from dumpproxy.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("miscellaneous")
     m.add_argument("--completions", metavar="SHELL", choices=SHELLS,
                    help="print the completion script for SHELL (bash, zsh or fish) and exit")
-    m.add_argument("--version", action="version", version=f"dumpproxy {__version__}")
+    m.add_argument("--version", action="version",
+                   version=f"dumpproxy {__version__} (HTTP/1 parser: {parser_version()})")
     return p
 
 
@@ -334,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         from dumpproxy.har import main as har_main
 
         return har_main(argv[1:])
+    try:
+        choose_parser(os.environ.get(PARSER_ENV))
+    except ValueError as e:
+        return _fail(str(e))
     command: list[str] | None = None
     if "--" in argv:
         i = argv.index("--")

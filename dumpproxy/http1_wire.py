@@ -1,25 +1,38 @@
-"""HTTP/1 on the wire: the one place where an HTTP/1 parser is used (h11).
+"""HTTP/1 on the wire: the one place where the HTTP/1 parsers are chosen and driven.
 
 Everything above speaks in the events named here (h11's shapes: `Request`, `Response`,
 `InformationalResponse`, `Data`, `EndOfMessage`, `ConnectionClosed`) and drives a
 connection only through `Wire`'s methods: parsing, encoding, and the few questions about
 its state a bridge asks (may an answer still be sent, has a new head begun, can the
-connection carry another exchange). A second parser that yields the same events plugs in
-here, without touching the bridges.
+connection carry another exchange).
+
+Two engines yield those events alike: llhttp through httptools (`http1_llhttp`, the
+default) and h11 (the reference, and the fallback where httptools cannot be imported).
+DUMPPROXY_HTTP1_PARSER=h11 forces h11, =httptools insists on llhttp; `dumpproxy --version`
+says which one runs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Literal
 
 import h11
+from h11._headers import Headers
 
 from dumpproxy import headers as hdr
 from dumpproxy.streams import Stream, StreamTimeout
 
+try:
+    from dumpproxy import http1_llhttp
+except ImportError:  # httptools missing: h11 alone
+    http1_llhttp = None  # type: ignore[assignment]
+
 MAX_HEAD = 64 * 1024  # request or response head, bytes
+PARSER_ENV = "DUMPPROXY_HTTP1_PARSER"
+PARSERS = ("httptools", "h11")
 
 # The events (h11's classes: the seam's vocabulary).
 Request = h11.Request
@@ -34,75 +47,166 @@ ProtocolError = h11.ProtocolError
 RemoteProtocolError = h11.RemoteProtocolError
 LocalProtocolError = h11.LocalProtocolError
 NEED_DATA = h11.NEED_DATA
+PAUSED = h11.PAUSED
+
+
+def choose_parser(value: str | None) -> str:
+    """The parser for a DUMPPROXY_HTTP1_PARSER value (unset or empty: the fastest one
+    there is); ValueError for a value naming no parser, or httptools when it is missing."""
+    if not value:
+        return "h11" if http1_llhttp is None else "httptools"
+    if value not in PARSERS:
+        raise ValueError(f"{PARSER_ENV}={value!r}: expected one of {', '.join(PARSERS)}")
+    if value == "httptools" and http1_llhttp is None:
+        raise ValueError(f"{PARSER_ENV}=httptools, but httptools cannot be imported")
+    return value
+
+
+def _env_parser() -> str:
+    try:
+        return choose_parser(os.environ.get(PARSER_ENV))
+    except ValueError:  # the command line reports it (cli); never at import
+        return "h11"
+
+
+PARSER = _env_parser()  # the parser of this process
+
+
+def parser_version() -> str:
+    """`httptools 0.9.0 (llhttp)` or `h11 0.16.0`: for --version."""
+    if PARSER == "httptools":
+        return f"httptools {http1_llhttp.VERSION} (llhttp)"  # type: ignore[union-attr]
+    return f"h11 {h11.__version__}"
+
+
+def _headers(headers: list[tuple[bytes, bytes]]) -> Headers:
+    """h11's header list from fields a parser already validated and normalised."""
+    out = object.__new__(Headers)
+    object.__setattr__(out, "_full_items", [(n, n.lower(), v) for n, v in headers])
+    return out
 
 
 def request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> h11.Request:
     """A request head whose fields came out of a parser (already validated): h11's
-    per-field regexes, the largest cost of a small exchange, are skipped."""
-    return h11.Request(method=method, target=target, headers=headers, _parsed=True)
+    per-field checks, the largest cost of a small exchange, are skipped."""
+    ev = object.__new__(h11.Request)
+    object.__setattr__(ev, "method", method)
+    object.__setattr__(ev, "target", target)
+    object.__setattr__(ev, "headers", _headers(headers))
+    object.__setattr__(ev, "http_version", b"1.1")
+    return ev
 
 
 def response(status: int, headers: list[tuple[bytes, bytes]], reason: bytes) -> h11.Response:
     """A response head from already-parsed fields (see `request`)."""
-    return h11.Response(status_code=status, headers=headers, reason=reason, _parsed=True)
+    ev = object.__new__(h11.Response)
+    object.__setattr__(ev, "status_code", status)
+    object.__setattr__(ev, "reason", reason)
+    object.__setattr__(ev, "headers", _headers(headers))
+    object.__setattr__(ev, "http_version", b"1.1")
+    return ev
+
+
+class H11Connection:
+    """h11 behind the engine interface `Wire` drives (`http1_llhttp.LlhttpConnection`'s)."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self, role: Literal["client", "server"], max_head: int):
+        self._h = h11.Connection(h11.CLIENT if role == "client" else h11.SERVER,
+                                 max_incomplete_event_size=max_head)
+
+    def next_event(self):
+        return self._h.next_event()
+
+    def receive(self, data: bytes) -> None:
+        self._h.receive_data(data)
+
+    @property
+    def trailing(self) -> bytes:
+        return bytes(self._h.trailing_data[0])
+
+    def send(self, event) -> bytes | None:
+        return self._h.send(event)
+
+    def send_pieces(self, event) -> list | None:
+        return self._h.send_with_data_passthrough(event)
+
+    @property
+    def can_answer(self) -> bool:
+        return self._h.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    @property
+    def head_started(self) -> bool:
+        return self._h.their_state is not h11.IDLE or bool(self._h.trailing_data[0])
+
+    def next_cycle(self) -> bool:
+        h = self._h
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            return True
+        return False
 
 
 class Wire:
     """One HTTP/1 connection's protocol state, as client or server."""
 
-    __slots__ = ("_h", "role")
+    __slots__ = ("_c", "role")
 
-    def __init__(self, role: Literal["client", "server"], max_head: int = MAX_HEAD):
+    def __init__(self, role: Literal["client", "server"], max_head: int = MAX_HEAD,
+                 parser: str | None = None):
         self.role = role
-        self._h = h11.Connection(h11.CLIENT if role == "client" else h11.SERVER,
-                                 max_incomplete_event_size=max_head)
+        if (parser or PARSER) == "httptools":
+            self._c = http1_llhttp.LlhttpConnection(role, max_head)  # type: ignore
+        else:
+            self._c = H11Connection(role, max_head)
 
     # -- parsing --
     def next_event(self):
         """The next event parsed from what was received, or NEED_DATA."""
-        return self._h.next_event()
+        return self._c.next_event()
 
     def receive(self, data: bytes) -> None:
         """Feed received bytes; b"" is the peer's EOF."""
-        self._h.receive_data(data)
+        self._c.receive(data)
 
     async def read_event(self, stream: Stream, timeout: float | None):
         """The next event, reading from the stream as needed (EOF is fed as b"").
 
         The timeout bounds the whole event (a head trickled a byte at a time included),
         not each read."""
-        h = self._h
+        c = self._c
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            ev = h.next_event()
-            if ev is not h11.NEED_DATA:
+            ev = c.next_event()
+            if ev is not NEED_DATA:
                 return ev
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise StreamTimeout()
-            h.receive_data(await stream.read(remaining))
+            c.receive(await stream.read(remaining))
 
     @property
     def trailing(self) -> bytes:
         """Received bytes not parsed yet (what follows the last event)."""
-        return bytes(self._h.trailing_data[0])
+        return self._c.trailing
 
     # -- encoding --
     def send(self, stream: Stream, event) -> None:
-        data = self._h.send(event)
+        data = self._c.send(event)
         if data:
             stream.write(data)
 
     def send_body(self, stream: Stream, data: bytes) -> None:
         """Body bytes, framed as the head announced, written without copying them."""
-        for piece in self._h.send_with_data_passthrough(h11.Data(data=data)):  # type: ignore
+        for piece in self._c.send_pieces(h11.Data(data=data)):  # type: ignore[union-attr]
             stream.write(piece)
 
     # -- state --
     @property
     def can_answer(self) -> bool:
         """No response head has gone out yet: an answer of our own can still be sent."""
-        return self._h.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        return self._c.can_answer
 
     @property
     def idle(self) -> bool:
@@ -114,16 +218,12 @@ class Wire:
     @property
     def head_started(self) -> bool:
         """The peer began a message (some of its bytes arrived) that is not complete."""
-        return self._h.their_state is not h11.IDLE or bool(self._h.trailing_data[0])
+        return self._c.head_started
 
     def next_cycle(self) -> bool:
         """Both messages of the exchange are complete: ready the connection for the next
         one. False when it cannot carry another (closing, or a message unfinished)."""
-        h = self._h
-        if h.our_state is h11.DONE and h.their_state is h11.DONE:
-            h.start_next_cycle()
-            return True
-        return False
+        return self._c.next_cycle()
 
 
 def error_response(status: int, message: str, extra: tuple = ()) -> list:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from dumpproxy import http1_wire
+
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man" / "dumpproxy.1"
 BASH = ROOT / "completions" / "dumpproxy.bash"
@@ -461,7 +463,8 @@ def test_man_page_covers_events_modes_and_wrap_variables():
         for var in WRAP_VARIABLES:
             assert re.search(rf"\b{var}\b", text), f"{section} does not list {var}"
     environment = " ".join(macro_text(line) for line in man_section("ENVIRONMENT"))
-    for var in ("DUMPPROXY_HOME", "XDG_CONFIG_HOME", "HOME"):
+    for var in ("DUMPPROXY_HOME", "XDG_CONFIG_HOME", "HOME", http1_wire.PARSER_ENV,
+                *http1_wire.PARSERS):
         assert re.search(rf"\b{var}\b", environment), f"ENVIRONMENT does not list {var}"
 
 

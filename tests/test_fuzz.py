@@ -6,9 +6,10 @@ Two kinds:
   ClientHellos from Python's ssl re-recorded, split and mutated), `addresses`
   (`split_host_port` / `join_host_port`), `hostfilter` (pattern lines and files, the
   indexed matcher against a plain scan, `candidates`);
-- the running proxy over real loopback sockets, one dumpproxy for the whole module:
-  HTTP/1 request heads, CONNECT targets, ClientHellos inside a CONNECT tunnel, HTTP/2
-  frame sequences inside an intercepted TLS tunnel. For every input: an answer or a close
+- the running proxy over real loopback sockets, one dumpproxy for the whole module (one
+  per HTTP/1 parser for the HTTP/1 surfaces, llhttp and h11): HTTP/1 request heads,
+  CONNECT targets, ClientHellos inside a CONNECT tunnel, HTTP/2 frame sequences inside an
+  intercepted TLS tunnel. For every input: an answer or a close
   within BOUND seconds (after the client's half-close), no `error` event with stage
   `internal`; after each surface the proxy serves a normal request and its descriptor
   count is back at the baseline.
@@ -500,8 +501,15 @@ class Env:
 HOSTS = {"origin.test": "127.0.0.1"}  # the proxy's private resolver (besides localhost)
 
 
+# The HTTP/1 surfaces run against each HTTP/1 parser of the proxy (llhttp and h11, chosen
+# by DUMPPROXY_HTTP1_PARSER); the others against the one the run would use.
+PARSERS = ["httptools", "h11"]
+BOTH_PARSERS = pytest.mark.parametrize("env", PARSERS, indirect=True)
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, pki: TestPKI) -> Iterator[Env]:
+def env(request, tmp_path_factory, pki: TestPKI) -> Iterator[Env]:
+    parser = getattr(request, "param", None)
     origin = Origin()
     tls_origin = Origin(pki.server_context(["localhost", "127.0.0.1", "origin.test"]))
     h2o = _H2Origin(pki)
@@ -509,7 +517,7 @@ def env(tmp_path_factory, pki: TestPKI) -> Iterator[Env]:
     closed.bind(("127.0.0.1", 0))
     home = tmp_path_factory.mktemp("fuzzhome")
     proxy = DumpProxy(["-p", "0", "-q", "--upstream-ca", str(pki.ca_path)], home,
-                      hosts=HOSTS)
+                      hosts=HOSTS, env={"DUMPPROXY_HTTP1_PARSER": parser} if parser else None)
     e = Env(proxy, origin, tls_origin, h2o, closed.getsockname()[1],
             schema_failures=len(SCHEMA_CHECK.failures))
     try:
@@ -815,6 +823,7 @@ def request_heads(draw, e: Env) -> bytes:
 TLS_RECORD = rb"[\x15\x16]\x03[\x01-\x04]"
 
 
+@BOTH_PARSERS
 def test_fuzz_request_heads(env: Env) -> None:
     """Any request head, to the explicit proxy or inside a CONNECT tunnel to the origin
     (intercepted plain HTTP): an answer (an HTTP status line; a TLS record when the bytes
@@ -860,6 +869,7 @@ def connect_targets(draw, e: Env) -> str:
     return f"{host}{sep}{port}"
 
 
+@BOTH_PARSERS
 def test_fuzz_connect_targets(env: Env) -> None:
     """Any CONNECT target: a status line (200 and a working tunnel, or an error status) or
     a close within BOUND; never an internal error."""
@@ -1011,15 +1021,18 @@ def _refused_with(got: bytes, evs: list[dict], status: int = 400) -> None:
 LONG_LABEL = "a" * 64 + ".test"  # a DNS label is at most 63 characters
 
 
+@BOTH_PARSERS
 def test_connect_target_with_label_over_63_chars_is_a_400(env: Env) -> None:
     _refused_with(*_send_and_close(env, [
         f"CONNECT {LONG_LABEL}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode()]))
 
 
+@BOTH_PARSERS
 def test_connect_target_with_empty_label_is_a_400(env: Env) -> None:
     _refused_with(*_send_and_close(env, [b"CONNECT a..test:443 HTTP/1.1\r\nHost: x\r\n\r\n"]))
 
 
+@BOTH_PARSERS
 def test_absolute_url_with_label_over_63_chars_is_a_400(env: Env) -> None:
     _refused_with(*_send_and_close(env, [
         f"GET http://{LONG_LABEL}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()]))
@@ -1034,6 +1047,7 @@ def test_sni_with_label_over_63_chars_is_no_internal_error(env: Env) -> None:
     assert errors and all(stage != "internal" for stage, _ in errors), errors
 
 
+@BOTH_PARSERS
 def test_connect_target_with_userinfo_is_a_400_without_the_credentials(env: Env) -> None:
     got, evs = _send_and_close(env, [
         b"CONNECT user:s3cret@127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % env.origin.port])
@@ -1041,12 +1055,14 @@ def test_connect_target_with_userinfo_is_a_400_without_the_credentials(env: Env)
     assert not [x for x in evs if "s3cret" in str(x)], evs
 
 
+@BOTH_PARSERS
 def test_connect_target_with_two_colons_is_a_400(env: Env) -> None:
     _refused_with(*_send_and_close(env, [
         b"CONNECT 127.0.0.1:%d:%d HTTP/1.1\r\nHost: x\r\n\r\n"
         % (env.origin.port, env.origin.port)]))
 
 
+@BOTH_PARSERS
 @pytest.mark.parametrize("version", ["HTTP/9.9", "HTTP/2.0"])
 def test_unknown_http_version_in_request_line_is_refused(env: Env, version: str) -> None:
     """An HTTP/1 request line naming another version is answered 505 (or 400), never

@@ -248,7 +248,9 @@ def test_listening_is_the_first_line(dumpproxy, home):
 def test_version_and_help_exit_0(home):
     r = run_cli("--version", home=home)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().strip() == f"dumpproxy {package.__version__}"
+    assert re.fullmatch(rf"dumpproxy {re.escape(package.__version__)} \(HTTP/1 parser: "
+                        r"(httptools [\d.]+ \(llhttp\)|h11 [\d.]+)\)",
+                        r.stdout.decode().strip()), r.stdout
     r = run_cli("--help", home=home)
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
