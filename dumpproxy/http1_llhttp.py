@@ -201,7 +201,9 @@ class LlhttpConnection:
                 self._cl = value
             elif lname == b"transfer-encoding":
                 value = value.lower()
-                self._te = value
+                # repeated fields are one list (RFC 9110 5.3), as h11 reads them: anything
+                # but a lone `chunked` goes to h11, which refuses it
+                self._te = value if self._te is None else self._te + b", " + value
             elif lname == b"connection":
                 self._close = self._close or b"close" in (
                     t.strip() for t in value.lower().split(b","))
@@ -312,6 +314,7 @@ class LlhttpConnection:
             piece, self._buf = buf[:end], buf[end:]
             self._head.append(piece)
             self._fed += len(piece)
+            whole = (self._tail + piece).endswith(_HEAD_END)  # the head ends here
             self._tail = (self._tail + piece)[-3:] if len(piece) < 3 else piece[-3:]
             try:
                 self._parser.feed_data(piece)  # type: ignore[union-attr]
@@ -324,6 +327,8 @@ class LlhttpConnection:
                     return self._head_event()
                 except _Fallback:
                     return self._fall_back()
+            if whole:  # a whole head llhttp wants more after (a PRI line): h11 says
+                return self._fall_back()
         return None
 
     def _start_head(self) -> None:
@@ -639,6 +644,12 @@ class LlhttpConnection:
     @property
     def can_answer(self) -> bool:
         return self._cs.states[self._our] in (IDLE, SEND_RESPONSE)
+
+    @property
+    def idle(self) -> bool:
+        states = self._cs.states
+        return (states[self._our] is IDLE and states[self._their] is IDLE
+                and not self.head_started)
 
     @property
     def head_started(self) -> bool:

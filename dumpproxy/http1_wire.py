@@ -137,6 +137,12 @@ class H11Connection:
         return self._h.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
     @property
+    def idle(self) -> bool:
+        h = self._h
+        return (h.our_state is h11.IDLE and h.their_state is h11.IDLE
+                and not h.trailing_data[0])
+
+    @property
     def head_started(self) -> bool:
         return self._h.their_state is not h11.IDLE or bool(self._h.trailing_data[0])
 
@@ -211,9 +217,7 @@ class Wire:
     @property
     def idle(self) -> bool:
         """Between exchanges: no message under way either way, nothing unparsed."""
-        h = self._h
-        return (h.our_state is h11.IDLE and h.their_state is h11.IDLE
-                and not h.trailing_data[0])
+        return self._c.idle
 
     @property
     def head_started(self) -> bool:

