@@ -136,6 +136,9 @@ class Exchange:
         if up.wire is None:
             up.wire = Wire("client")
         upload: asyncio.Task | None = None
+        # A client that goes away while the origin keeps us waiting is cut at once.
+        client_sock = self.ctx.stream
+        client_sock.on_lost = self._client_lost
         try:
             with TO_UPSTREAM:
                 up.wire.send(up.stream, wire.request(self.req.method, self.path, self.headers))
@@ -156,6 +159,11 @@ class Exchange:
         except Exception as e:
             await _settle(upload)
             return self._broken(e)
+        finally:
+            client_sock.on_lost = None
+
+    def _client_lost(self) -> None:
+        self.up.sock.interrupt(ClientGone("the client connection was lost"))
 
     async def _with_upload(self, upload: asyncio.Task) -> bool:
         """The response is read while the request body still goes up; whichever side

@@ -22,6 +22,7 @@ import asyncio
 import enum
 import gc
 import ssl
+import time
 from collections import deque
 
 import h2.errors
@@ -85,7 +86,7 @@ class Pair:
     """A client stream and its upstream stream, with its flow."""
 
     __slots__ = ("client_id", "up_id", "up_side", "flow", "phase", "up", "down", "request",
-                 "status", "resp_headers")
+                 "status", "resp_headers", "since")
 
     def __init__(self, client_id: int, flow: Flow | None, request: list):
         self.client_id = client_id
@@ -98,6 +99,7 @@ class Pair:
         self.request: list | None = request  # the headers to send upstream (or replay)
         self.status = 0
         self.resp_headers: list = []
+        self.since = 0.0  # when the origin was last waited for: request end, last data
 
     @property
     def replayable(self) -> bool:
@@ -371,6 +373,7 @@ class H2Bridge:
         self._tasks: set[asyncio.Future] = set()
         self._end: asyncio.Future | None = None
         self.cut_by: Aborted = "client"  # whose end cut the streams still open at the end
+        self._last_byte = time.monotonic()  # the last byte received, from either side
         self._goodbye = False  # our GOAWAY went to the client (the proxy is stopping)
 
     # -- tasks --
@@ -401,6 +404,7 @@ class H2Bridge:
         first.flush()
         self.client.flush()
         self.spawn(self.server_loop(first))
+        self.spawn(self._watch())
         client = self.spawn(self._client_loop())
         client.add_done_callback(lambda _: self._finish_bridge())
         self.ctx.quiesce = self._quiesce
@@ -446,14 +450,78 @@ class H2Bridge:
 
     # -- loops --
     async def _read(self, side: Side) -> bytes | None:
-        """The side's next bytes; None when its loop is over (its end already handled)."""
+        """The side's next bytes; None when its loop is over (its end already handled).
+        Idle means no byte either way (on any of the bridge's connections)."""
         idle = self.ctx.cfg.idle_timeout
+        while True:
+            try:
+                data = await side.stream.read(idle)
+            except StreamTimeout:
+                if time.monotonic() - self._last_byte < idle:
+                    continue  # quiet here, not on the other side
+                self._goaway_all(f"no data either way for {idle:g} s")
+                waiting = any(p.phase is not Phase.QUEUED and p.down.state is not Leg.CLOSED
+                              for p in self.client.pairs.values())
+                self._finish_bridge("server" if waiting else "client")
+                return None
+            self._last_byte = time.monotonic()
+            return data
+
+    async def _watch(self) -> None:
+        """Each stream's own limits: its response head within --response-timeout of the
+        request's end (else 504), then no stall over --idle-timeout mid-body (else cut)."""
+        cfg = self.ctx.cfg
+        tick = min(max(min(cfg.response_timeout, cfg.idle_timeout) / 4, 0.05), 1.0)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for pair in list(self.client.pairs.values()):
+                if pair.up_side is None or pair.flow is None:
+                    continue
+                if pair.phase is Phase.SENT and pair.up.state is Leg.CLOSED:
+                    if now - pair.since > cfg.response_timeout:
+                        self._timed_out(pair)
+                elif (pair.phase is Phase.ANSWERED and pair.down.state is Leg.OPEN
+                      and not pair.down.chunks and now - pair.since > cfg.idle_timeout):
+                    self._stalled(pair)  # (a client slow to read is not the origin's stall)
+            self.flush_all()
+
+    def _timed_out(self, pair: Pair) -> None:
+        """No response head in time: the origin's stream is cancelled, the client gets 504
+        (as an HTTP/1 client would), and the error says so."""
+        side = pair.up_side
+        assert side is not None
+        message = f"no response from {self.up.address} within " \
+                  f"{self.ctx.cfg.response_timeout:g} s"
+        self._error(message, pair, "upstream")
         try:
-            return await side.stream.read(idle)
-        except StreamTimeout:
-            self._goaway_all(f"no data from the {side.name} for {idle:g} s")
-            self._finish_bridge(side.name)  # type: ignore[arg-type]
-            return None
+            side.conn.reset_stream(pair.up_id, h2.errors.ErrorCodes.CANCEL)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        body = (message + "\n").encode()
+        pair.status, pair.phase = 504, Phase.ANSWERED
+        pair.resp_headers = [(b"content-type", b"text/plain; charset=utf-8"),
+                             (b"content-length", str(len(body)).encode())]
+        self._send_headers(self.client, pair.client_id, [(b":status", b"504"),
+                                                          *pair.resp_headers])
+        pair.down.chunks.append([body, 0])
+        pair.down.state = Leg.ENDED
+        self._pump(self.client, pair)
+
+    def _stalled(self, pair: Pair) -> None:
+        """The origin stopped mid-body for the idle timeout: the stream is cut both ways."""
+        side = pair.up_side
+        assert side is not None
+        self._error(f"{self.up.address} stalled mid-response: no data for "
+                    f"{self.ctx.cfg.idle_timeout:g} s", pair, "upstream")
+        for conn, sid in ((side.conn, pair.up_id), (self.client.conn, pair.client_id)):
+            try:
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+        self._drop(self.client, pair)
+        self._cut(pair, "server")
+        self._forget(pair)
 
     def _receive(self, side: Side, data: bytes) -> bool:
         """Feed the side's bytes to h2 and handle its events; False: this side is over."""
@@ -667,6 +735,7 @@ class H2Bridge:
         side.pairs[up_id] = pair
         if ended:
             leg.state = Leg.CLOSED
+            pair.since = time.monotonic()
         elif leg.waiting:
             self._pump(side, pair)
 
@@ -689,6 +758,7 @@ class H2Bridge:
         if pair is None:
             return
         pair.phase = Phase.ANSWERED
+        pair.since = time.monotonic()
         pair.request = None  # never replayed now
         headers = list(ev.headers)
         status = _pseudo(headers).get(b":status", b"0")
@@ -713,6 +783,8 @@ class H2Bridge:
             side.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             return
         side.inbound(pair).chunks.append([ev.data, ev.flow_controlled_length])
+        if isinstance(side, ServerSide):
+            pair.since = time.monotonic()
         target, _ = side.target(pair)
         if target is not None:  # else: its upstream is being opened
             self._pump(target, pair)
@@ -772,6 +844,8 @@ class H2Bridge:
                 leg.state = Leg.CLOSED
                 if leg is pair.down:
                     self._finish(pair)
+                else:  # the request is whole: the wait for its response starts
+                    pair.since = time.monotonic()
         except h2.exceptions.StreamClosedError:
             self._drop(target, pair)
         except h2.exceptions.FlowControlError:

@@ -12,6 +12,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 from dumpproxy.schema import Ended, Tls
@@ -80,6 +81,9 @@ class SocketStream(asyncio.Protocol, Stream):
         # Writes made in one step of a task go out in one send: a response head and the
         # first body bytes, say (each send on loopback costs the receiver's work too).
         self._wbuf: list[bytes] = []
+        # told when the connection is lost (an exchange waiting on the other side of the
+        # proxy learns at once that its client is gone)
+        self.on_lost: Callable[[], None] | None = None
 
     def mark(self, how: Ended) -> None:
         """Record how the connection ends, unless an earlier cause is known."""
@@ -125,6 +129,8 @@ class SocketStream(asyncio.Protocol, Stream):
             if not w.done():
                 w.set_exception(ConnectionResetError("connection lost"))
         self._drain_waiters.clear()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -168,6 +174,12 @@ class SocketStream(asyncio.Protocol, Stream):
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
+
+    def interrupt(self, exc: BaseException) -> None:
+        """A read waiting now raises exc (what it waited for no longer matters)."""
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_exception(exc)
 
     @property
     def buffered(self) -> int:

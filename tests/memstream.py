@@ -40,6 +40,7 @@ class MemStream(Stream):
         self._exc: BaseException | None = None  # the reset a read reports after the data
         self._waiter: asyncio.Future | None = None
         self.ended: str | None = None  #: how the connection ended, as SocketStream says
+        self.on_lost = None  #: as SocketStream's: told when the peer resets the connection
 
     def mark(self, how) -> None:  # type: ignore[override]
         if self.ended is None:
@@ -136,6 +137,14 @@ class MemStream(Stream):
         self.closed = self.aborted = True
         self._end()
         self.peer._end(ConnectionResetError("connection reset by peer"))
+        if self.peer.on_lost is not None:  # a reset is a lost connection, over there
+            self.peer.on_lost()
+
+    def interrupt(self, exc: BaseException) -> None:
+        """As SocketStream's: a read waiting now raises exc."""
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(exc)
 
     # -- for tests --
     async def read_all(self) -> tuple[bytes, bool]:
