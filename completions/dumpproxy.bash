@@ -22,6 +22,7 @@ _dumpproxy_options='
     --response-timeout
     --connect-timeout
     --idle-timeout
+    --pool-idle-timeout
     --shutdown-grace
     --ca-dir
     --print-ca
@@ -147,7 +148,7 @@ _dumpproxy()
             ;;
         -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
             --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
-            --idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth)
+            --idle-timeout | --pool-idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth)
             # A free-form value: nothing sensible to offer.
             return
             ;;

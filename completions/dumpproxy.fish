@@ -51,6 +51,7 @@ complete -c dumpproxy $opts -l head-timeout -x -d 'Seconds for a request head or
 complete -c dumpproxy $opts -l response-timeout -x -d 'Seconds for the response head (default 60)'
 complete -c dumpproxy $opts -l connect-timeout -x -d 'Seconds to connect to the destination (default 30)'
 complete -c dumpproxy $opts -l idle-timeout -x -d 'Seconds without a byte before a stream is closed (default 600)'
+complete -c dumpproxy $opts -l pool-idle-timeout -x -d 'Seconds an idle upstream connection is kept for the next client (default 15)'
 complete -c dumpproxy $opts -l shutdown-grace -x -d 'Seconds exchanges in flight may finish on SIGINT/SIGTERM (default 5)'
 complete -c dumpproxy $opts -l ca-dir -x -a '(__fish_complete_directories (commandline -ct))' -d 'Directory holding the CA'
 complete -c dumpproxy $opts -l print-ca -d 'Print the CA certificate (PEM) and exit'

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connecting (TCP and TLS) to the destination (default: 30)")
     w.add_argument("--idle-timeout", metavar="SECONDS", type=_positive_float, default=600.0,
                    help="no byte either way in a tunnel or body stream (default: 600)")
+    w.add_argument("--pool-idle-timeout", metavar="SECONDS", type=_non_negative_float,
+                   default=15.0, help="how long an idle upstream connection is kept for the "
+                                      "next client (0: none kept; default: 15)")
     w.add_argument("--shutdown-grace", metavar="SECONDS", type=_non_negative_float,
                    default=5.0, help="on SIGINT/SIGTERM (or when CMD exits), how long "
                                      "exchanges in flight may finish (default: 5)")
@@ -255,6 +258,7 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
         shutdown_grace=args.shutdown_grace,
+        pool_idle_timeout=args.pool_idle_timeout,
         ca_dir=args.ca_dir or default_ca_dir(),
         ssl_insecure=args.ssl_insecure,
         upstream_ca=args.upstream_ca,

@@ -39,3 +39,5 @@ class Config:
     idle_timeout: float = 600.0  # no byte either way in a tunnel or body stream
     # SPEC §9.1: after SIGINT/SIGTERM (or CMD's exit), exchanges in flight may finish
     shutdown_grace: float = 5.0
+    # SPEC §9.2: an idle upstream connection waits this long for another client (0: never)
+    pool_idle_timeout: float = 15.0

@@ -48,7 +48,8 @@ class Services:
         self.trust = ClientTrust()  #: what clients showed about trusting the CA, per name
         self.stats = Stats()
         self.stopping = False  #: the proxy is shutting down: no new exchange on a connection
-        self.pool = Pool()  #: idle upstream connections, for any client connection
+        #: idle upstream connections, for any client connection
+        self.pool = Pool(idle=cfg.pool_idle_timeout)
         self._flows = 0
         self._servers = 0
 

@@ -398,6 +398,7 @@ class Exchange:
             self.fl.respond(101, ev.reason.decode("latin-1"), rh, server=up.id)
         self.client.unread(self.h.trailing)
         up.stream.unread(up.wire.trailing)  # type: ignore[union-attr]
+        self.ctx.stream.on_lost = None  # the relay ends the upgraded connection itself
         relay = Relay(self.client, up.stream, self.ctx.cfg.idle_timeout)
         try:
             await relay.run()

@@ -457,12 +457,12 @@ class H2Bridge:
             try:
                 data = await side.stream.read(idle)
             except StreamTimeout:
-                if time.monotonic() - self._last_byte < idle:
-                    continue  # quiet here, not on the other side
+                if time.monotonic() - self._last_byte < idle or any(
+                        p.phase is not Phase.QUEUED and p.down.state is not Leg.CLOSED
+                        for p in self.client.pairs.values()):
+                    continue  # quiet here only; or streams wait on the origin (_watch)
                 self._goaway_all(f"no data either way for {idle:g} s")
-                waiting = any(p.phase is not Phase.QUEUED and p.down.state is not Leg.CLOSED
-                              for p in self.client.pairs.values())
-                self._finish_bridge("server" if waiting else "client")
+                self._finish_bridge("client")
                 return None
             self._last_byte = time.monotonic()
             return data

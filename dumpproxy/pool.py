@@ -21,7 +21,8 @@ from dumpproxy.upstream import Connector, TLSRequest, Upstream
 
 PER_KEY = 8  # idle connections kept for one destination
 TOTAL = 256  # and in all
-IDLE = 15.0  # seconds an idle connection is kept (origins close theirs after 60-75 s)
+IDLE = 15.0  # seconds an idle connection is kept (--pool-idle-timeout; origins close
+# theirs after 60-75 s)
 
 Key = tuple[int, str, int, "TLSRequest | None", bool]
 
@@ -70,7 +71,7 @@ class Pool:
 
     def put(self, up: Upstream, key: Key) -> bool:
         """Keep a released connection; False when it cannot be kept (closed by the caller)."""
-        if not up.healthy or self.total <= 0 or self.per_key <= 0:
+        if not up.healthy or self.total <= 0 or self.per_key <= 0 or self.idle <= 0:
             return False
         stack = self._by_key.setdefault(key, [])
         if len(stack) >= self.per_key:

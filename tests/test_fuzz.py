@@ -516,7 +516,10 @@ def env(request, tmp_path_factory, pki: TestPKI) -> Iterator[Env]:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     home = tmp_path_factory.mktemp("fuzzhome")
-    proxy = DumpProxy(["-p", "0", "-q", "--upstream-ca", str(pki.ca_path)], home,
+    # no upstream connections kept for other clients: each surface's descriptors must come
+    # back to where they were (the pool's bounds are tested in test_pool.py)
+    proxy = DumpProxy(["-p", "0", "-q", "--upstream-ca", str(pki.ca_path),
+                       "--pool-idle-timeout", "0"], home,
                       hosts=HOSTS, env={"DUMPPROXY_HTTP1_PARSER": parser} if parser else None)
     e = Env(proxy, origin, tls_origin, h2o, closed.getsockname()[1],
             schema_failures=len(SCHEMA_CHECK.failures))

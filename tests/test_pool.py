@@ -174,3 +174,21 @@ def test_server_numbers_agree_across_events_and_har(dumpproxy, origin, origin2, 
     assert har.returncode == 0, har.stderr
     entries = json.loads(har.stdout)["log"]["entries"]
     assert [e["connection"] for e in entries] == [str(e["server"]) for e in responses]
+
+
+def test_pool_idle_timeout_zero_keeps_none(dumpproxy, origin):
+    p = dumpproxy("--pool-idle-timeout", "0")
+    for n in (1, 2):
+        assert get(p, origin.url("/small")) == b"hello\n"
+        disconnects(p, n)
+    c1, c2 = p.of("server_connect")
+    assert [e["server"] for e in p.of("response")] == [c1["server"], c2["server"]]
+    assert [e["server"] for e in p.of("server_disconnect")] == [1, 2]  # closed with each
+
+
+def test_idle_connection_closes_after_the_pool_idle_timeout(dumpproxy, origin):
+    p = dumpproxy("--pool-idle-timeout", "0.5")
+    assert get(p, origin.url("/small")) == b"hello\n"
+    disconnects(p, 1)
+    sd = p.wait_for(lambda e: e["event"] == "server_disconnect", timeout=5)
+    assert sd["how"] == "idle_timeout"
