@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,7 +34,8 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import DumpProxy, TestPKI, open_tunnel, read_response
+from conftest import ROOT, DumpProxy, TestPKI, open_tunnel, read_response
+from examples import example, shell_commands
 from realorigins import Nginx
 
 GROWTH_LIMIT_KB = 2 * 1024  # what the load may add after the warm-up
@@ -288,3 +293,35 @@ def test_20k_new_connections_memory_flat(proxy: CountingProxy, nginx: Nginx) -> 
     proxy.check_record(warmup + load)
     assert proxy.counts["client_connect"] == warmup + load, proxy.counts
 
+
+# --- the soak script (bench/soak.py), briefly -------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_example_soak(tmp_path: Path) -> None:
+    """The README's soak command, for 15 s instead of an hour: every workload is served
+    through its own proxy with nothing lost, and the report says so (the figures
+    themselves are the soak's business, not a test's)."""
+    [command] = shell_commands(example("soak").text)
+    args = shlex.split(command)
+    assert args[:2] == ["python3", "bench/soak.py"], args
+    samples = tmp_path / "samples.jsonl"
+    r = subprocess.run([sys.executable, *args[1:], "--minutes", "0.25", "--warmup", "5",
+                        "--interval", "1", "--out", str(samples)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {m[0]: m for m in re.findall(
+        r"^(\w+) +([\d,]+) +([\d,]+) +(\d+) .* (\d+) +\d+ +(\d+)$", r.stdout, re.M)}
+    assert set(rows) == {"newconn", "h1", "https", "h2x4", "h2x1"}, r.stdout
+    for name, exchanges, conns, errors, fds, after in rows.values():
+        n, c = int(exchanges.replace(",", "")), int(conns.replace(",", ""))
+        assert n > 0, (name, r.stdout)
+        # one connection per exchange, a few kept alive, or exactly one
+        assert {"newconn": c >= n, "h2x1": c == 1}.get(name, c <= 8), (name, r.stdout)
+        assert (errors, after) == ("0", fds), (name, r.stdout)  # descriptors back
+    assert r.stdout.count("problems: none") == 5, r.stdout
+    assert len(re.findall(r"^\w+: exit 0, requests ([\d,]+), responses \1, errors 0$",
+                          r.stdout, re.M)) == 5, r.stdout
+    kept = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert {s["proxy"] for s in kept} == set(rows)
+    assert all(s["VmRSS"] > 0 for s in kept)
