@@ -46,6 +46,7 @@ BODY = b"hello\n"
 
 
 def rss_anon_kb(pid: int) -> int:
+    """The process's anonymous resident memory, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
@@ -57,6 +58,8 @@ class CountingProxy(DumpProxy):
 
     def __init__(self, home: Path):
         self.counts: Counter[str] = Counter()
+        # -k: the tunnels name nginx by its address, which its certificate does not hold;
+        # verifying is not what these tests measure
         super().__init__(["-p", "0", "-q", "-k"], home)
 
     def _read(self) -> None:
