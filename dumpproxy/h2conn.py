@@ -40,6 +40,15 @@ class Connection(h2.connection.H2Connection):
     streams the peer still finishes are protocol errors. A graceful GOAWAY (NO_ERROR)
     leaves the connection open here; the bridge opens no new stream on it."""
 
+    # How many closed streams h2 remembers (how each closed), oldest forgotten first. h2's
+    # 2**16 costs ~135 bytes per finished stream on each connection of a pair, ~17 MB per
+    # long-lived pair. The record is needed only for a frame the peer sent before it saw
+    # our RST_STREAM (else it is a connection error; RFC 9113 5.1 lets that period be
+    # limited). Only streams open at that moment can close while such a frame is on its
+    # way: at most MAX_STREAMS on the client's connection, and as many upstream (one per
+    # client stream). Four times that leaves room; ~70 KB per connection at most.
+    MAX_CLOSED_STREAMS = 4 * MAX_STREAMS
+
     def _receive_goaway_frame(self, frame):
         if frame.error_code != 0:
             return super()._receive_goaway_frame(frame)

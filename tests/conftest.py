@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import ipaddress
@@ -606,6 +607,31 @@ def open_tunnel(port: int, target: str, timeout: float = 15) -> socket.socket:
     assert head.startswith(b"HTTP/1.1 200"), head
     assert rest == b""
     return s
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int | str, bytes]:
+    """(status, body) of one HTTP/1.1 response with a Content-Length (or none: no body);
+    ("empty", b"") when the connection closed before a status line."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        return ("empty" if not e.partial else f"partial head {e.partial[:60]!r}"), b""
+    except ConnectionError as e:
+        return f"reset ({e})", b""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return f"bad status line {status_line!r}", b""
+    length = 0
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    try:
+        body = await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return f"cut body after {parts[1]}", b""
+    return int(parts[1]), body
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:

@@ -76,6 +76,7 @@ http {{
   map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
   server {{
     listen 127.0.0.1:{port} ssl http2;
+    listen 127.0.0.1:{http_port};
     server_name app.test cdn.test git.test;
     ssl_certificate {cert};
     ssl_certificate_key {key};
@@ -116,12 +117,14 @@ class WebSocketEcho:
 
 
 class Nginx:
-    """nginx on 127.0.0.1:port, TLS with h2 and http/1.1, names app/cdn/git.test."""
+    """nginx on 127.0.0.1:port, TLS with h2 and http/1.1, names app/cdn/git.test; the same
+    site in plain HTTP/1.1 on http_port."""
 
     def __init__(self, directory: Path, pki: TestPKI, keepalive_requests: int | None = None):
         self.dir = directory
         self.ws = WebSocketEcho()
         self.port = free_port()
+        self.http_port = free_port()  # the same site in plain HTTP/1.1
         (directory / "tmp").mkdir(parents=True, exist_ok=True)
         www = directory / "www"
         www.mkdir(exist_ok=True)
@@ -142,6 +145,7 @@ class Nginx:
         conf = directory / "nginx.conf"
         user = "user root;" if os.geteuid() == 0 else ""  # files under a private tmp dir
         conf.write_text(NGINX_CONF.format(user=user, d=directory, port=self.port,
+                                          http_port=self.http_port,
                                           ws_port=self.ws.port, cert=cert, key=key,
                                           keepalive=keepalive))
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(directory / "error.log")],

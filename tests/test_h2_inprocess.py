@@ -796,3 +796,95 @@ def test_h2_huge_frame_header_gets_frame_size_error_at_once() -> None:
         assert o.streams == {}
 
     run(main)
+
+
+# --- frames on a stream after its reset ---------------------------------------------------
+
+
+def late_frames(peer: H2Peer, sid: int, head: list, body: bytes) -> None:
+    """A head and a body on sid as the peer sent them before it saw the stream's reset:
+    past its h2 (which knows of the reset now), HPACK from its own encoder."""
+    frame = hyperframe.frame.HeadersFrame(sid)
+    frame.data = peer.conn.encoder.encode(head)
+    frame.flags.add("END_HEADERS")
+    data = hyperframe.frame.DataFrame(sid)
+    data.data = body
+    data.flags.add("END_STREAM")
+    peer.raw(frame.serialize() + data.serialize())
+
+
+@pytest.mark.parametrize("sender", ["client", "origin"])
+def test_h2_late_frames_on_a_reset_stream_are_a_stream_error(sender: str) -> None:
+    """RFC 9113 5.1: frames the peer sent before it saw our RST_STREAM get RST_STREAM
+    (STREAM_CLOSED) and the connection carries on, even with twice MAX_STREAMS streams
+    finished in between: the closed streams h2 remembers are bounded (h2conn's
+    MAX_CLOSED_STREAMS), never below what that needs. The client's frames: trailers of an
+    upload the origin reset; the origin's: the response to a request the client cancelled."""
+    between = 2 * MAX_STREAMS
+
+    async def serve(o: H2Peer) -> None:
+        answered: set[int] = set()
+        while not o.eof:
+            for sid, m in sorted(o.streams.items()):
+                path = m.pseudo(b":path")
+                if sid in answered or path is None or (path == b"/slow" and not m.reset):
+                    continue
+                answered.add(sid)
+                if path == b"/upload":
+                    o.conn.reset_stream(sid, E.CANCEL)
+                    o.flush()
+                elif path == b"/slow":  # reset by the bridge: it answers when told
+                    slow.append(sid)
+                elif path == b"/late":
+                    if slow:
+                        late_frames(o, slow[0], ok(b"late"), b"late")
+                    o.answer(sid, b"after")
+                elif m.ended:
+                    o.answer(sid, b"ok")
+            await o.step()
+
+    slow: list[int] = []
+
+    async def main() -> None:
+        rig = Rig(h2_origin(serve, settings=MANY_STREAMS))
+        c, serving = await h2_client(rig)
+        if sender == "client":
+            c.conn.send_headers(1, h2_request("POST", "/upload"))
+            c.flush()
+            await c.until(lambda: c.done(1))
+            assert c.streams[1].reset == E.CANCEL
+        else:
+            c.get(1, "/slow")
+            c.flush()
+            await settle()
+            c.conn.reset_stream(1, E.CANCEL)
+            c.flush()
+            await settle()
+        sids = [3 + 2 * i for i in range(between)]
+        for start in range(0, between, MAX_STREAMS // 2):
+            batch = sids[start:start + MAX_STREAMS // 2]
+            for sid in batch:
+                c.get(sid, "/")
+            c.flush()
+            await c.until(lambda batch=batch: c.ended(*batch))
+        if sender == "client":
+            late_frames(c, 1, [(b"x-checksum", b"1")], b"late upload")
+        last = sids[-1] + 2
+        c.get(last, "/late")
+        c.flush()
+        await c.until(lambda: c.ended(last))
+        c.close()
+        await serving
+
+        assert c.goaway is None
+        assert [c.streams[s].body for s in sids] == [b"ok"] * between
+        assert c.streams[last].body == b"after"
+        [o] = await rig.origins()
+        assert o.goaway is None
+        late_to = c if sender == "client" else o  # who sent the late frames
+        late_sid = 1 if sender == "client" else slow[0]
+        assert [f.kind for f in late_to.log.on(late_sid)][-1] == "RST_STREAM"
+        assert not [e for e in rig.of("error") if "protocol error" in e["message"]]
+        assert len(rig.of("response")) == between + 2
+
+    run(main)

@@ -18,7 +18,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 import pytest
-from conftest import DumpProxy
+from conftest import DumpProxy, read_response
 
 N = 1000  # concurrent clients per load
 PHASE = 20.0  # seconds a load may take, all clients together (a hang fails, never waits)
@@ -71,31 +71,6 @@ async def _origin_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int | str, bytes]:
-    """(status, body) of one response with a Content-Length; ("empty", b"") when the
-    connection closed before a status line."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as e:
-        return ("empty" if not e.partial else f"partial head {e.partial[:60]!r}"), b""
-    except ConnectionError as e:
-        return f"reset ({e})", b""
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    parts = status_line.split(" ")
-    if len(parts) < 2 or not parts[1].isdigit():
-        return f"bad status line {status_line!r}", b""
-    length = 0
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value.strip())
-    try:
-        body = await reader.readexactly(length)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return f"cut body after {parts[1]}", b""
-    return int(parts[1]), body
-
-
 class Load:
     """N clients through the proxy: each one's outcome, all held open together."""
 
@@ -119,11 +94,11 @@ class Load:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy_port)
         try:
             writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            status, _ = await _read_response(reader)
+            status, _ = await read_response(reader)
             if status != 200:
                 return f"CONNECT {status}"
             writer.write(b"GET /t HTTP/1.1\r\nHost: %s\r\n\r\n" % target.encode())
-            status, body = await _read_response(reader)
+            status, body = await read_response(reader)
             if status != 200 or body != BODY:
                 return f"in tunnel {status}"
             self._opened(counted)
@@ -140,7 +115,7 @@ class Load:
         try:
             for first in (True, False):
                 writer.write(request)
-                status, body = await _read_response(reader)
+                status, body = await read_response(reader)
                 if status != 200 or body != BODY:
                     return f"{'first' if first else 'second'} {status}"
                 if first:
@@ -189,7 +164,7 @@ def _normal_request(proxy: DumpProxy) -> bytes:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(f"GET http://127.0.0.1:{port}/n HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            status, body = await asyncio.wait_for(_read_response(reader), 10)
+            status, body = await asyncio.wait_for(read_response(reader), 10)
             writer.close()
             assert status == 200, status
             return body
