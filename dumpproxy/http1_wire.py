@@ -157,15 +157,19 @@ class H11Connection:
 class Wire:
     """One HTTP/1 connection's protocol state, as client or server."""
 
-    __slots__ = ("_c", "role")
+    __slots__ = ("_c", "role", "_engine", "_max", "_blank", "_skipped")
 
     def __init__(self, role: Literal["client", "server"], max_head: int = MAX_HEAD,
                  parser: str | None = None):
         self.role = role
-        if (parser or PARSER) == "httptools":
-            self._c = http1_llhttp.LlhttpConnection(role, max_head)  # type: ignore
-        else:
-            self._c = H11Connection(role, max_head)
+        self._max = max_head
+        self._engine = http1_llhttp.LlhttpConnection if (parser or PARSER) == "httptools" \
+            else H11Connection
+        self._c = self._engine(role, max_head)  # type: ignore[operator]
+        # RFC 9112 2.2: a server ignores empty lines before a request line (some clients
+        # send CRLF after a body); counted against the head's size limit
+        self._blank = role == "server"
+        self._skipped = 0
 
     # -- parsing --
     def next_event(self):
@@ -174,7 +178,27 @@ class Wire:
 
     def receive(self, data: bytes) -> None:
         """Feed received bytes; b"" is the peer's EOF."""
+        if self._blank and data:
+            data = self._skip_blank(data)
+            if not data:
+                return
         self._c.receive(data)
+
+    def _skip_blank(self, data: bytes) -> bytes:
+        """data without the empty lines that lead a request (a CR at the end of data is
+        taken for the start of a CRLF; a bare CR before other bytes is the parser's)."""
+        i, n = 0, len(data)
+        while i < n and data[i] in (10, 13):
+            if data[i] == 13 and i + 1 < n and data[i + 1] != 10:
+                break  # a bare CR: the parser's to refuse
+            i += 1
+        self._skipped += i
+        if self._skipped > self._max:  # the parser refuses what it then sees, as for a head
+            self._blank = False
+            return data
+        if i < n:
+            self._blank = False
+        return data[i:]
 
     async def read_event(self, stream: Stream, timeout: float | None):
         """The next event, reading from the stream as needed (EOF is fed as b"").
@@ -190,7 +214,12 @@ class Wire:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise StreamTimeout()
-            c.receive(await stream.read(remaining))
+            data = await stream.read(remaining)
+            if self._blank and data:
+                data = self._skip_blank(data)
+                if not data:
+                    continue
+            c.receive(data)
 
     @property
     def trailing(self) -> bytes:
@@ -227,7 +256,15 @@ class Wire:
     def next_cycle(self) -> bool:
         """Both messages of the exchange are complete: ready the connection for the next
         one. False when it cannot carry another (closing, or a message unfinished)."""
-        return self._c.next_cycle()
+        if not self._c.next_cycle():
+            return False
+        if self.role == "server":
+            self._blank, self._skipped = True, 0
+            early = self._c.trailing
+            if early[:1] in (b"\r", b"\n"):  # the next head came with empty lines before it
+                self._c = self._engine(self.role, self._max)  # type: ignore[operator]
+                self.receive(early)
+        return True
 
 
 def error_response(status: int, message: str, extra: tuple = ()) -> list:

@@ -831,6 +831,27 @@ def test_client_goes_away_mid_download(dumpproxy, origin):
 # --- malformed client requests --------------------------------------------------------------
 
 
+def test_empty_lines_before_the_request_line_are_ignored(dumpproxy, origin):
+    """RFC 9112 2.2: a client that sends an empty line before its request (or after a
+    body) is served, not refused."""
+    p = dumpproxy()
+    c = Raw(p.port)
+    try:
+        c.send(b"\r\n" + get(origin.url("/small")))
+        assert c.response().body == b"hello\n"
+        body = b"abc"
+        c.send(get(origin.url("/echo"), method="POST",
+                   extra=f"Content-Length: {len(body)}\r\n") + body + b"\r\n")
+        assert c.response().status == 200
+        c.send(get(origin.url("/small")))
+        assert c.response().body == b"hello\n"
+    finally:
+        c.close()
+    p.wait_for(lambda e: e["event"] == "response", count=3)
+    assert [e["status"] for e in p.of("response")] == [200, 200, 200]
+    assert not p.of("error")
+
+
 @pytest.mark.parametrize("kind", ["garbage", "cl_and_te", "origin_form"])
 def test_malformed_request_gets_4xx_and_proxy_keeps_serving(dumpproxy, origin, kind):
     p = dumpproxy()

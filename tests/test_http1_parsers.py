@@ -37,7 +37,7 @@ from test_fuzz import HEADER_NAMES, HEADER_VALUES, TOKEN, VISIBLE, fuzz, mutated
 
 from dumpproxy import http1_wire as wire
 from dumpproxy.http1_llhttp import LlhttpConnection
-from dumpproxy.http1_wire import H11Connection
+from dumpproxy.http1_wire import H11Connection, Wire
 
 ENGINES = {"h11": H11Connection, "llhttp": LlhttpConnection}
 MAX_HEAD = 2048  # small, so that the head cap is reached by what the strategies make
@@ -748,3 +748,48 @@ def test_without_httptools_h11_serves(dumpproxy, origin, tmp_path) -> None:
     p.wait_for(lambda e: e["event"] == "response", count=2)
     assert [e["status"] for e in p.of("response")] == [200, 200]
     assert len(p.of("client_connect")) == 1  # both on one kept-alive connection
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+@pytest.mark.parametrize("pieces", [
+    [b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"],
+    [b"\r\n\r", b"\n\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"],  # split inside a CRLF; a bare LF
+    [b"\r\n", b"\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"],
+], ids=["one", "split", "several"])
+def test_empty_lines_before_a_request_line_are_ignored(parser: str, pieces: list) -> None:
+    """RFC 9112 2.2: a server ignores at least one empty line before the request line."""
+    w = Wire("server", parser=parser)
+    for piece in pieces:
+        w.receive(piece)
+    ev = w.next_event()
+    assert type(ev) is wire.Request and ev.target == b"/"
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_empty_lines_between_pipelined_requests_are_ignored(parser: str) -> None:
+    """A client that ends a body with an extra CRLF (old browsers did): the next request
+    read with it is still read whole."""
+    w = Wire("server", parser=parser)
+    w.receive(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx\r\n"
+              b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [type(w.next_event()) for _ in range(3)] == [wire.Request, wire.Data,
+                                                        wire.EndOfMessage]
+    sink = _Sink()
+    w.send(sink, wire.response(200, [(b"content-length", b"0")], b"OK"))
+    w.send(sink, wire.EndOfMessage())
+    assert w.next_cycle()
+    ev = w.next_event()
+    assert type(ev) is wire.Request and ev.target == b"/next"
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_empty_lines_count_against_the_head_limit(parser: str) -> None:
+    w = Wire("server", parser=parser)
+    w.receive(b"\r\n" * (wire.MAX_HEAD // 2 + 1) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(wire.RemoteProtocolError):
+        w.next_event()
+
+
+class _Sink:
+    def write(self, data: bytes) -> None:
+        pass
