@@ -125,14 +125,16 @@ class Context:
         return d
 
     async def open_upstream(self, host: str, port: int, tls: TLSRequest | None = None,
-                            forward: bool = False) -> Upstream:
+                            forward: bool = False, reuse: bool = True) -> Upstream:
         """A connection to host:port (TLS on top when asked), owned by this one: an idle
-        one from the pool when there is one, else a new one.
+        one from the pool when there is one (reuse: the caller will speak HTTP on it),
+        else a new one.
 
         forward: it carries the explicit proxy's plain HTTP (an upstream proxy then takes
         the requests in absolute form instead of a CONNECT)."""
         services = self.services
-        up = services.pool.take(pool_key(self.connector, host, port, tls, forward))
+        up = services.pool.take(pool_key(self.connector, host, port, tls, forward)) \
+            if reuse else None
         if up is not None:
             up.adopt(self.emit, self._released)
         else:
@@ -142,7 +144,7 @@ class Context:
         return up
 
     def pooled_address(self, host: str, port: int) -> str | None:
-        """The resolved address of an idle TLS connection to host:port in the pool."""
+        """The resolved address of an idle connection to host:port in the pool."""
         return self.services.pool.address_of(self.connector, host, port)
 
     def _released(self, up: Upstream, reusable: bool) -> None:

@@ -239,7 +239,7 @@ class ReverseMode(Mode):
         host, port, scheme, authority = self.target
         await serve(ctx, ctx.stream, Destination(
             host, port, HttpAnswer(ctx, ctx.stream, scheme, authority), scheme=scheme,
-            authority=authority, host_header=False))
+            authority=authority, host_header=False, lazy=True))
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h

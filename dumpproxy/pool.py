@@ -62,10 +62,11 @@ class Pool:
 
     def address_of(self, connector: Connector, host: str, port: int) -> str | None:
         """The resolved address of an idle connection to host:port made by this connector,
-        if there is one (a tunnel may then wait to connect until it knows its TLS name)."""
+        if there is one (a tunnel may then wait to connect until its client's first bytes
+        say which connection it needs)."""
         wanted = (id(connector), host.lower(), port)
         for key, stack in self._by_key.items():
-            if key[:3] == wanted and key[3] is not None and stack:
+            if key[:3] == wanted and stack:
                 return stack[-1].ip_host
         return None
 

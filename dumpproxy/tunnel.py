@@ -57,7 +57,8 @@ class Destination:
     scheme: str | None = None
     authority: bytes | None = None
     host_header: bool = True
-    lazy: bool = False  # the client's answer needs no upstream connection (CONNECT's 200)
+    lazy: bool = False  # the client's answer needs no upstream connection (CONNECT's 200,
+    # reverse mode): with an idle pooled connection to it, connecting may wait
 
     @property
     def address(self) -> str:
@@ -77,8 +78,8 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
     pooled = ctx.pooled_address(dest.host, dest.port) if dest.lazy else None
     up = None
     if pooled is None:
-        try:
-            up = await ctx.open_upstream(dest.host, dest.port)
+        try:  # a fresh connection: what the client will send on it is not known yet
+            up = await ctx.open_upstream(dest.host, dest.port, reuse=False)
         except UpstreamError as e:
             if dest.answer is None or not await dest.answer.failed(e, dest):
                 ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
@@ -136,10 +137,12 @@ class Tunnel:
         return await peek_first_bytes(self.client, min(
             time.monotonic() + self.cfg.peek_timeout, self.opened + self.cfg.head_timeout))
 
-    async def _connect(self, tls: TLSRequest | None = None) -> Upstream:
-        """The upstream connection, made now if the tunnel was lazy (TLS as asked)."""
+    async def _connect(self, tls: TLSRequest | None = None, http: bool = True) -> Upstream:
+        """The upstream connection, made now if the tunnel was lazy (TLS as asked; an idle
+        one from the pool when it will carry HTTP)."""
         if self.up is None:
-            self.up = await self.ctx.open_upstream(self.dest.host, self.dest.port, tls)
+            self.up = await self.ctx.open_upstream(self.dest.host, self.dest.port, tls,
+                                                   reuse=http)
         elif tls is not None and self.up.tls is None:
             await self.up.start_tls(*tls)
         return self.up
@@ -180,7 +183,7 @@ class Tunnel:
     async def relay(self, first_timeout: float | None = None) -> None:
         address = self.dest.address
         try:
-            up = await self._connect()
+            up = await self._connect(http=False)  # raw bytes: never a pooled connection
         except UpstreamError as e:  # a lazy tunnel: the client only sees it close
             self.ctx.error(e.stage, e.message, address=address)  # type: ignore[arg-type]
             return
@@ -248,7 +251,7 @@ class Tunnel:
         """TLS with the destination before the client's handshake (unless the destination
         is plain http); the ALPN it chose."""
         if self.dest.scheme == "http":
-            await self._connect()
+            await self._connect()  # HTTP from the client's TLS, to a plain origin
             return None
         up = await self._connect((name, tuple(p for p in offered if p in SUPPORTED_ALPN)))
         return up.tls.ssl.selected_alpn_protocol() if up.tls is not None else None

@@ -192,3 +192,28 @@ def test_idle_connection_closes_after_the_pool_idle_timeout(dumpproxy, origin):
     disconnects(p, 1)
     sd = p.wait_for(lambda e: e["event"] == "server_disconnect", timeout=5)
     assert sd["how"] == "idle_timeout"
+
+
+def test_a_tunnel_never_takes_a_pooled_connection_before_it_knows_the_protocol(
+        dumpproxy, origin):
+    """Plain HTTP inside a tunnel leaves its connection idle in the pool; a tunnel to the
+    same destination whose bytes are passed through gets a connection of its own (raw
+    bytes on a pooled HTTP connection would land mid-stream)."""
+    p = dumpproxy("--ignore-hosts", r"^ignored\.test:")
+    target = f"127.0.0.1:{origin.port}"
+    for n, host in ((1, "recorded.test"), (2, "ignored.test")):
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(f"GET /small HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                  .encode())
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        s.close()
+        assert got.endswith(b"hello\n")
+        disconnects(p, n)
+    recorded, ignored = p.of("decision")
+    assert (recorded["action"], ignored["action"]) == ("intercept", "passthrough")
+    first, second = p.of("server_connect")  # the passed-through tunnel's own connection
+    assert (first["conn"], second["conn"]) == (recorded["conn"], ignored["conn"])
