@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 
 import test_http2
 from conftest import curl
@@ -116,3 +117,62 @@ def test_unreachable_target_gives_502_to_plain_clients(dumpproxy, pki):
     assert r.stdout == b"502"
     err = p.wait_for(lambda e: e["event"] == "error")
     assert err["stage"] == "server_connect" and err["address"] == f"127.0.0.1:{dead}"
+
+
+# --- plaintext clients of a TLS target: spoken to as HTTP, never relayed raw into TLS --------
+
+
+def test_h2c_client_to_https_target_is_bridged_over_tls(dumpproxy, h2_origin, pki):
+    """curl --http2-prior-knowledge in plaintext: HTTP/2 over TLS to the target."""
+    target = f"https://localhost:{h2_origin.port}"
+    p = reverse(dumpproxy, pki, target)
+    r = curl("--http2-prior-knowledge", f"http://127.0.0.1:{p.port}/echo?x=1")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["http_version"] == "2" and info["query"] == "x=1"
+    resp = p.wait_for(lambda e: e["event"] == "response")
+    assert (resp["url"], resp["http_version"], resp["status"]) == (
+        f"{target}/echo?x=1", "HTTP/2.0", 200)
+    [server_tls] = p.of("tls", side="server")
+    assert server_tls["alpn"] == "h2"
+    assert not p.of("error")
+
+
+def test_h2load_in_plaintext_against_a_tls_target(dumpproxy, h2_origin, pki):
+    """nghttp2's h2load without TLS (h2c prior knowledge), two connections, many
+    streams: every request answered and recorded."""
+    p = reverse(dumpproxy, pki, f"https://localhost:{h2_origin.port}")
+    r = subprocess.run(["h2load", "-n", "60", "-c", "2", "-m", "10",
+                        f"http://127.0.0.1:{p.port}/small"], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "60 succeeded, 0 failed, 0 errored" in out, out
+    assert "status codes: 60 2xx" in out, out
+    p.wait_for(lambda e: e["event"] == "response", count=60)
+    assert {e["status"] for e in p.of("response")} == {200}
+    assert not p.of("error")
+
+
+def test_h2c_client_to_a_target_without_http2_is_refused(dumpproxy, tls_origin, pki):
+    """The target speaks HTTP/1 only: an HTTP/2 client cannot be served there; it gets
+    GOAWAY HTTP_1_1_REQUIRED and an error says why."""
+    p = reverse(dumpproxy, pki, f"https://localhost:{tls_origin.port}")
+    r = curl("--http2-prior-knowledge", f"http://127.0.0.1:{p.port}/small")
+    assert r.returncode != 0
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "http2" and "does not speak HTTP/2" in err["message"]
+    # a plain HTTP/1 client on the same listener is served
+    r = curl(f"http://127.0.0.1:{p.port}/small")
+    assert r.returncode == 0 and r.stdout == b"hello\n"
+
+
+def test_other_plaintext_to_a_tls_target_is_refused_never_relayed(dumpproxy, tls_origin, pki):
+    p = reverse(dumpproxy, pki, f"https://localhost:{tls_origin.port}")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"\x00\x01not http at all\r\n\r\n")
+        assert s.recv(4096) == b""  # closed
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "http" and "speaks TLS" in err["message"]
+    assert not tls_origin.requests
+    assert not p.of("server_connect") or all(  # nothing relayed into the TLS port
+        e["bytes_sent"] == 0 for e in p.of("server_disconnect"))
