@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from dumpproxy.addresses import join_host_port
+from dumpproxy.addresses import check_host, is_ip, join_host_port, split_host_port
 from dumpproxy.clienthello import Peek
 from dumpproxy.clienttls import H2_ALPN, HTTP1_ALPN, SUPPORTED_ALPN, ClientTLS, usable_sni
 from dumpproxy.context import Context
@@ -178,7 +178,7 @@ class Tunnel:
         elif peek.kind == "tls":
             await self.intercept_tls(peek)
         else:
-            await self.serve_plain()
+            await self.serve_plain(peek)
 
     async def relay(self, first_timeout: float | None = None) -> None:
         address = self.dest.address
@@ -203,17 +203,26 @@ class Tunnel:
         finally:
             up.release()
 
-    async def serve_plain(self) -> None:
-        """Plaintext HTTP/1 from the client (TLS to a destination whose scheme says so)."""
+    async def serve_plain(self, peek: Peek) -> None:
+        """Plaintext HTTP/1 from the client (TLS to a destination whose scheme says so).
+        A destination known by its address only (transparent mode, a CONNECT to an IP) is
+        named by the client's Host header, as a TLS one is by its SNI."""
         dest = self.dest
+        name = dest.host
+        if peek.host and dest.host_header and not dest.scheme and is_ip(dest.host):
+            try:
+                host, _ = split_host_port(peek.host, default_port=dest.port)
+                check_host(host)
+                name = host
+            except ValueError:
+                pass  # no usable name: the address it is
         failure = None
         try:
             await self._connect((dest.host, (HTTP1_ALPN,)) if dest.scheme == "https" else None)
         except UpstreamError as e:  # told to the client's first request
             self._drop_upstream()
             failure = e
-        await self._http1(self.client, dest.scheme or "http", dest.host, (HTTP1_ALPN,),
-                          failure)
+        await self._http1(self.client, dest.scheme or "http", name, (HTTP1_ALPN,), failure)
 
     async def serve_h2c(self) -> None:
         """HTTP/2 in plaintext (prior knowledge) for a TLS destination: HTTP/2 over TLS to
