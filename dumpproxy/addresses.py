@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -56,7 +57,10 @@ def split_host_port(target: str, default_port: int | None = None) -> tuple[str, 
     return host, port
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ip(name: str) -> bool:
+    """An IP literal (a cache: every request's host is asked, and a name costs ipaddress
+    two failed parses)."""
     try:
         ipaddress.ip_address(name)
         return True
