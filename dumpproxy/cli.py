@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--schema", action="store_true",
                    help="print the JSON Schema of the events (draft 2020-12) and exit")
     v = o.add_mutually_exclusive_group()
-    v.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
+    v.add_argument("-q", "--quiet", action="store_true",
+                   help="nothing on stderr but fatal errors (no line per error event)")
     v.add_argument("-v", "--verbose", action="store_true", help="more on stderr")
     m = p.add_argument_group("miscellaneous")
     m.add_argument("--completions", metavar="SHELL", choices=SHELLS,
