@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from urllib.parse import quote
 
 from dumpproxy import headers as hdr
 
@@ -46,3 +47,10 @@ class ProxyAuth:
 
     def check_user_pass(self, user: bytes, password: bytes) -> bool:
         return hmac.compare_digest(user + b":" + password, self._user_pass)
+
+
+def url_userinfo(user_pass: str) -> str:
+    """`USER:PASS@` for a proxy URL (wrap mode's HTTP_PROXY), each part percent-encoded so
+    that a `@`, `:` or `/` in it survives every client's URL parser."""
+    user, _, password = user_pass.partition(":")
+    return f"{quote(user, safe='')}:{quote(password, safe='')}@"

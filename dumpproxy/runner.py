@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 from dumpproxy.addresses import join_host_port, strip_brackets
+from dumpproxy.auth import url_userinfo
 from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
@@ -312,7 +313,9 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     try:
         # the first regular or upstream listener, if any (other modes: CMD names the
         # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
-        http_proxy = next((f"http://{m.address}" for m in proxy.modes
+        # (with --proxyauth, the URL carries the credentials: every client sends them)
+        userinfo = url_userinfo(cfg.proxyauth) if cfg.proxyauth else ""
+        http_proxy = next((f"http://{userinfo}{m.address}" for m in proxy.modes
                            if m.spec.kind in ("regular", "upstream")), None)
         if isolation is not None:  # every connection is redirected: no proxy to name
             http_proxy = None
