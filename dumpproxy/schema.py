@@ -39,7 +39,7 @@ Ended = Literal[
     "peer_closed",  # the peer closed it (FIN, TLS close_notify, HTTP/2 GOAWAY): orderly
     "peer_reset",  # the peer reset it or it was lost (RST, broken pipe)
     "proxy_closed",  # dumpproxy closed it: the exchange or tunnel was over, or it failed
-    "idle_timeout",  # dumpproxy closed it after the idle timeout
+    "idle_timeout",  # dumpproxy closed it after the head or idle timeout (it was quiet)
     "shutdown",  # dumpproxy closed it while shutting down
 ]
 ENDED: tuple[str, ...] = typing.get_args(Ended)
