@@ -311,6 +311,9 @@ def event_loop_runner():
     return asyncio.run
 
 
+SUBCOMMANDS = ("har",)  # `dumpproxy NAME ...`, dispatched by main() before the options
+
+
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
                   command: list[str] | None) -> str:
     """The message for words argparse did not take: a misspelt option, or a command
@@ -323,6 +326,9 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
         close = difflib.get_close_matches(name.lstrip("-"), options, n=1, cutoff=0.7)
         hint = f"; did you mean --{close[0]}?" if close else "; see dumpproxy --help"
         return f"unrecognized option {name!r}{hint}"
+    if word in SUBCOMMANDS:  # not a command to run: `-- har` would look for a program
+        return (f"unexpected argument {word!r}: 'dumpproxy {word}' is a subcommand and comes "
+                f"first, without the proxy's options: dumpproxy {' '.join(extra)}")
     if command is None:
         return (f"unexpected argument {word!r}; to run a command through the proxy, put "
                 f"'--' before it: dumpproxy [OPTIONS] -- {' '.join(extra)}")
@@ -337,7 +343,7 @@ def completion_script(shell: str) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["har"]:  # a subcommand with its own options
+    if argv[:1] == ["har"]:  # a subcommand with its own options (SUBCOMMANDS)
         from dumpproxy.har import main as har_main
 
         return har_main(argv[1:])

@@ -57,6 +57,8 @@ MISTAKES = [
      2, ["--ignore-hosts-file", "empty file name", "- for standard input"]),
     ("forgotten --", ["curl", "-s", "http://example.com/"],
      2, ["'curl'", "put '--' before it", "dumpproxy [OPTIONS] -- curl -s http://example.com/"]),
+    ("subcommand after options", ["-p", "9000", "har", "traffic.jsonl"],
+     2, ["'har'", "subcommand and comes first", "dumpproxy har traffic.jsonl"]),
     ("conflicting options, --check with --mode", ["--check", "a:443", "--mode", "bogus"],
      2, ["--check", "--mode"]),
     ("conflicting options, --check with a command", ["--check", "a:443", "--", "true"],
@@ -69,6 +71,13 @@ def test_common_mistakes(name, args, status, pieces, home):
     line = one_line(run_cli(*args, home=home), status)
     for piece in pieces:
         assert piece in line, f"{name}: {piece!r} not in {line!r}"
+
+
+def test_misplaced_har_is_not_told_to_run_as_a_command(home):
+    """`-- har FILE` would look for a program called har."""
+    line = one_line(run_cli("-p", "9000", "har", "traffic.jsonl", home=home), 2)
+    assert " -- " not in line, line
+    assert line.endswith(": dumpproxy har traffic.jsonl"), line
 
 
 def test_port_in_use(occupied_port, home):
