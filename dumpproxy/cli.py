@@ -9,6 +9,7 @@ import os
 import re
 import ssl
 import sys
+import time
 from typing import NoReturn
 
 import orjson
@@ -289,8 +290,10 @@ def check_targets(hf: HostFilter, targets: list[str]) -> int:
             return _fail(f"--check: {e}")
         # Only this target (no resolved ip, no SNI); an IPv6 one in both forms, as in traffic.
         d = hf.decide(candidates(host, port) if ":" in host else [target])
+        # a decision event (valid against --schema) that no connection is tied to
         out += orjson.dumps(
-            {"event": "decision", "address": target, **d.fields(), "sni": None},
+            {"ts": round(time.time(), 6), "event": "decision", "address": target,
+             **d.fields(), "sni": None},
             option=orjson.OPT_APPEND_NEWLINE,
         )
     sys.stdout.buffer.write(bytes(out))

@@ -100,7 +100,8 @@ class ServerDisconnect(TypedDict):
 
 
 class Decision(TypedDict):
-    """A tunnel or plain-HTTP request was decided: intercept or pass through."""
+    """A tunnel or plain-HTTP request was decided: intercept or pass through. A line of
+    `--check` is a decision with no connection (no conn, client)."""
 
     address: Address
     action: Literal["intercept", "passthrough"]
@@ -209,7 +210,7 @@ EVENTS: dict[str, tuple[type, bool | None]] = {
     "client_disconnect": (ClientDisconnect, True),
     "server_connect": (ServerConnect, True),
     "server_disconnect": (ServerDisconnect, True),
-    "decision": (Decision, True),
+    "decision": (Decision, None),  # None: --check prints decisions outside any connection
     "tls": (Tls, True),
     "request": (Request, True),
     "response": (Response, True),
