@@ -271,6 +271,12 @@ def test_example_install():
     assert text.index("<!-- test: install -->") < text.index("\n## ")
 
 
+def test_the_readme_venv_is_ignored_by_git():
+    """The README creates .venv in the checkout: `git status` stays clean."""
+    assert ".venv/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert all(".venv" in c for c in install_commands())
+
+
 def test_ci_runs_the_readme_test_command():
     lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
     commands = [line for line in lines if line and not line.startswith("#")]
@@ -281,7 +287,11 @@ def test_ci_runs_the_readme_test_command():
 
 def test_example_development():
     commands = shell_commands(marked_blocks()["development"])
-    assert commands[0] == "python3 -m pip install -e '.[test]'"
+    # a venv first (PEP 668: Debian's python3 refuses pip outside one), the same as the
+    # install section's, then the editable install into it
+    assert commands[:2] == ["python3 -m venv .venv && . .venv/bin/activate",
+                            "pip install -e '.[test]'"]
+    assert install_commands()[0].startswith(commands[0] + " && ")
     assert TEST_COMMAND in commands
     ruff = [c for c in commands if c.startswith("ruff check")]
     assert ruff, commands
