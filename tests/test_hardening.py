@@ -25,7 +25,7 @@ import h2.events
 import h2.settings
 import hyperframe.frame
 import pytest
-from conftest import DumpProxy, curl, parse_events
+from conftest import DumpProxy, close_listener, curl, parse_events
 from test_http2 import RawH2
 
 # --- helpers ------------------------------------------------------------------------------
@@ -248,7 +248,8 @@ class CountingH2Origin:
         self.connections = 0
         self.closed = 0
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -290,7 +291,7 @@ class CountingH2Origin:
                 self.closed += 1
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self.thread)
 
 
 @pytest.fixture
