@@ -1,6 +1,6 @@
 """Proxy authentication (pure): checking the credentials a client presents.
 
-HTTP Basic in `Proxy-Authorization` (`check_basic`) and SOCKS5's user/pass (RFC 1929,
+HTTP Basic in `Proxy-Authorization` (`refusal`) and SOCKS5's user/pass (RFC 1929,
 `check_user_pass`) are checked against the same `--proxyauth USER:PASS`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from urllib.parse import quote
 
 from dumpproxy import headers as hdr
 
@@ -23,19 +24,33 @@ class ProxyAuth:
         self._user_pass = user_pass.encode()
         self._basic = base64.b64encode(self._user_pass)
 
-    def check_basic(self, items: list[tuple[bytes, bytes]]) -> bool:
-        """True when the request's Proxy-Authorization carries the right Basic token."""
+    def refusal(self, items: list[tuple[bytes, bytes]]) -> str | None:
+        """None when the request's Proxy-Authorization carries the right Basic token, else
+        why not, for the `error` event: it names the user (as SOCKS5 does), never the
+        password, nor a header it cannot read (that may be a token)."""
         value = hdr.header_value(items, b"proxy-authorization")
         if value is None:
-            return False
+            return "proxy authentication required: no credentials sent"
         scheme, _, token = value.strip().partition(b" ")
         if scheme.lower() != b"basic":
-            return False
+            return "proxy authentication failed: credentials are not HTTP Basic"
         try:  # normalise the encoding (padding, whitespace) before comparing
-            token = base64.b64encode(base64.b64decode(token.strip(), validate=True))
+            decoded = base64.b64decode(token.strip(), validate=True)
         except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(token, self._basic)
+            decoded = b""
+        user, colon, _ = decoded.partition(b":")
+        if not colon:
+            return "proxy authentication failed: malformed Basic credentials"
+        if hmac.compare_digest(base64.b64encode(decoded), self._basic):
+            return None
+        return f"proxy authentication failed for user {user.decode('latin-1')[:100]!r}"
 
     def check_user_pass(self, user: bytes, password: bytes) -> bool:
         return hmac.compare_digest(user + b":" + password, self._user_pass)
+
+
+def url_userinfo(user_pass: str) -> str:
+    """`USER:PASS@` for a proxy URL (wrap mode's HTTP_PROXY), each part percent-encoded so
+    that a `@`, `:` or `/` in it survives every client's URL parser."""
+    user, _, password = user_pass.partition(":")
+    return f"{quote(user, safe='')}:{quote(password, safe='')}@"

@@ -9,6 +9,7 @@ import os
 import re
 import ssl
 import sys
+import time
 from typing import NoReturn
 
 import orjson
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--schema", action="store_true",
                    help="print the JSON Schema of the events (draft 2020-12) and exit")
     v = o.add_mutually_exclusive_group()
-    v.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors")
+    v.add_argument("-q", "--quiet", action="store_true",
+                   help="nothing on stderr but fatal errors (no line per error event)")
     v.add_argument("-v", "--verbose", action="store_true", help="more on stderr")
     m = p.add_argument_group("miscellaneous")
     m.add_argument("--completions", metavar="SHELL", choices=SHELLS,
@@ -288,8 +290,10 @@ def check_targets(hf: HostFilter, targets: list[str]) -> int:
             return _fail(f"--check: {e}")
         # Only this target (no resolved ip, no SNI); an IPv6 one in both forms, as in traffic.
         d = hf.decide(candidates(host, port) if ":" in host else [target])
+        # a decision event (valid against --schema) that no connection is tied to
         out += orjson.dumps(
-            {"event": "decision", "address": target, **d.fields(), "sni": None},
+            {"ts": round(time.time(), 6), "event": "decision", "address": target,
+             **d.fields(), "sni": None},
             option=orjson.OPT_APPEND_NEWLINE,
         )
     sys.stdout.buffer.write(bytes(out))
@@ -310,6 +314,9 @@ def event_loop_runner():
     return asyncio.run
 
 
+SUBCOMMANDS = ("har",)  # `dumpproxy NAME ...`, dispatched by main() before the options
+
+
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
                   command: list[str] | None) -> str:
     """The message for words argparse did not take: a misspelt option, or a command
@@ -322,6 +329,9 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
         close = difflib.get_close_matches(name.lstrip("-"), options, n=1, cutoff=0.7)
         hint = f"; did you mean --{close[0]}?" if close else "; see dumpproxy --help"
         return f"unrecognized option {name!r}{hint}"
+    if word in SUBCOMMANDS:  # not a command to run: `-- har` would look for a program
+        return (f"unexpected argument {word!r}: 'dumpproxy {word}' is a subcommand and comes "
+                f"first, without the proxy's options: dumpproxy {' '.join(extra)}")
     if command is None:
         return (f"unexpected argument {word!r}; to run a command through the proxy, put "
                 f"'--' before it: dumpproxy [OPTIONS] -- {' '.join(extra)}")
@@ -336,7 +346,7 @@ def completion_script(shell: str) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["har"]:  # a subcommand with its own options
+    if argv[:1] == ["har"]:  # a subcommand with its own options (SUBCOMMANDS)
         from dumpproxy.har import main as har_main
 
         return har_main(argv[1:])

@@ -20,6 +20,7 @@ from dumpproxy.hostfilter import DECISION_BUDGET, HostFilter
 from dumpproxy.pool import Pool, pool_key
 from dumpproxy.schema import Decision, Error, Stage
 from dumpproxy.streams import SocketStream
+from dumpproxy.textformat import error_line
 from dumpproxy.trust import ClientTrust
 from dumpproxy.upstream import Connector, TLSRequest, Upstream
 
@@ -54,14 +55,13 @@ class Services:
         self._servers = 0
 
     def emit(self, event: str, fields: dict | None = None, conn: Context | None = None):
-        """Write one event; `error` is also counted (and told on stderr with -v)."""
+        """Write one event; `error` is also counted and told on stderr (unless -q)."""
+        ev = self.events.emit(event, fields, conn)
         if event == "error":
             self.stats.errors += 1
-            if self.cfg.verbosity > 0 and fields is not None:
-                who = f"{conn.client}: " if conn else ""
-                print(f"dumpproxy: {who}{fields['stage']}: {fields['message']}",
-                      file=sys.stderr)
-        return self.events.emit(event, fields, conn)
+            if self.cfg.verbosity >= 0:
+                sys.stderr.write(error_line(ev))
+        return ev
 
     def next_flow(self) -> int:
         """A new exchange number, unique in this run."""

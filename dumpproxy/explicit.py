@@ -54,9 +54,9 @@ def connect_destination(ctx: Context, client: Stream, connect: Connect) -> Desti
     credentials, a bad target)."""
     h, req = connect.h, connect.request
     services = ctx.services
-    if services.auth is not None and not services.auth.check_basic(
-            list(req.headers.raw_items())):
-        ctx.error("auth", "proxy authentication required")
+    denied = services.auth.refusal(list(req.headers.raw_items())) if services.auth else None
+    if denied:
+        ctx.error("auth", denied)
         answer_error(h, client, 407, "Proxy authentication required", auth.CHALLENGE)
         return None
     try:

@@ -223,16 +223,14 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
     started = time.monotonic()  # the flow's duration counts the upstream connect too
     items = list(req.headers.raw_items())
     services = ctx.services
-    denied = target is None and services.auth is not None and not services.auth.check_basic(
-        items)
+    denied = services.auth.refusal(items) if target is None and services.auth else None
     try:
         check_version(req)
         scheme, host, port, path = parse_target(req.target.decode("latin-1"), target,
                                                 ctx.cfg.redact)
     except BadRequest as e:  # no request to record: nothing names it
         if denied:
-            return refuse(ctx, h, client, "auth", 407, "proxy authentication required",
-                          extra=auth.CHALLENGE)
+            return refuse(ctx, h, client, "auth", 407, denied, extra=auth.CHALLENGE)
         return refuse(ctx, h, client, "http", e.status, str(e))
     address = join_host_port(host, port)
 
@@ -241,8 +239,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
                     "HTTP/" + req.http_version.decode(), items, started)
 
     if denied:
-        return refuse(ctx, h, client, "auth", 407, "proxy authentication required", record(),
-                      extra=auth.CHALLENGE)
+        return refuse(ctx, h, client, "auth", 407, denied, record(), extra=auth.CHALLENGE)
     try:
         check_head(req, items)
     except BadRequest as e:

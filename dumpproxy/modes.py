@@ -57,7 +57,10 @@ class RegularMode(Mode):
         client = ctx.stream
         try:
             first = await client.read(ctx.cfg.head_timeout)
-        except (StreamTimeout, ConnectionError):
+        except StreamTimeout:
+            client.mark("idle_timeout")  # as any client quiet for the head timeout
+            return
+        except ConnectionError:
             return
         if not first:
             return
@@ -112,6 +115,7 @@ class Socks5Mode(Mode):
         except _Quiet:
             return
         except StreamTimeout:
+            client.mark("idle_timeout")
             ctx.error("socks5", f"no complete SOCKS5 handshake within "
                                 f"{ctx.cfg.head_timeout:g} s")
             return

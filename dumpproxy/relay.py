@@ -89,6 +89,9 @@ class Relay:
             up.cancel()
             down.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
+            if isinstance(e, RelayIdle):  # both end as any connection the timeout cuts
+                self.client.mark("idle_timeout")
+                self.server.mark("idle_timeout")
             if self.teardown(e):  # the other side gets an orderly close, not a reset
                 self.client.close()
                 self.server.close()

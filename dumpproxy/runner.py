@@ -9,6 +9,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import ssl
 import stat
 import sys
@@ -17,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from dumpproxy.addresses import join_host_port, strip_brackets
+from dumpproxy.auth import url_userinfo
 from dumpproxy.certs import CA, CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
@@ -41,6 +43,10 @@ from dumpproxy.status import (
 from dumpproxy.wrapenv import RuntimeFiles, prepare
 
 NO_GRACE = 0.0  # the events of what is still in flight could not be written anyway
+# getaddrinfo's failures, in the system's words (os.strerror knows only errno values)
+GAI_ERRORS = {socket.EAI_NONAME: "name or service not known",
+              socket.EAI_AGAIN: "temporary failure in name resolution",
+              socket.EAI_FAIL: "non-recoverable failure in name resolution"}
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
           "GIT_SSL_CAINFO")
 
@@ -138,7 +144,12 @@ def _status(returncode: int) -> int:
 
 def listen_error(where: str, e: OSError) -> str:
     """`cannot listen on HOST:PORT: address already in use`: the system's words for the
-    errno, not the event loop's ("error while attempting to bind on address (...)")."""
+    errno, not the event loop's ("error while attempting to bind on address (...)").
+    A negative errno is getaddrinfo's (EAI_*): the host name did not resolve."""
+    if e.errno is not None and e.errno < 0:
+        why = GAI_ERRORS.get(e.errno, f"getaddrinfo error {e.errno}")
+        return (f"cannot listen on {where}: the host name does not resolve ({why}); give "
+                "an address (127.0.0.1, ::1, 0.0.0.0) or a name that resolves")
     why = os.strerror(e.errno) if e.errno else str(e)
     why = why[:1].lower() + why[1:]
     return f"cannot listen on {where}: {why}"
@@ -312,7 +323,9 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
     try:
         # the first regular or upstream listener, if any (other modes: CMD names the
         # listener itself, e.g. curl --proxy socks5h://...; it still gets the CA bundle)
-        http_proxy = next((f"http://{m.address}" for m in proxy.modes
+        # (with --proxyauth, the URL carries the credentials: every client sends them)
+        userinfo = url_userinfo(cfg.proxyauth) if cfg.proxyauth else ""
+        http_proxy = next((f"http://{userinfo}{m.address}" for m in proxy.modes
                            if m.spec.kind in ("regular", "upstream")), None)
         if isolation is not None:  # every connection is redirected: no proxy to name
             http_proxy = None

@@ -39,7 +39,7 @@ Ended = Literal[
     "peer_closed",  # the peer closed it (FIN, TLS close_notify, HTTP/2 GOAWAY): orderly
     "peer_reset",  # the peer reset it or it was lost (RST, broken pipe)
     "proxy_closed",  # dumpproxy closed it: the exchange or tunnel was over, or it failed
-    "idle_timeout",  # dumpproxy closed it after the idle timeout
+    "idle_timeout",  # dumpproxy closed it after the head or idle timeout (it was quiet)
     "shutdown",  # dumpproxy closed it while shutting down
 ]
 ENDED: tuple[str, ...] = typing.get_args(Ended)
@@ -100,7 +100,8 @@ class ServerDisconnect(TypedDict):
 
 
 class Decision(TypedDict):
-    """A tunnel or plain-HTTP request was decided: intercept or pass through."""
+    """A tunnel or plain-HTTP request was decided: intercept or pass through. A line of
+    `--check` is a decision with no connection (no conn, client)."""
 
     address: Address
     action: Literal["intercept", "passthrough"]
@@ -209,7 +210,7 @@ EVENTS: dict[str, tuple[type, bool | None]] = {
     "client_disconnect": (ClientDisconnect, True),
     "server_connect": (ServerConnect, True),
     "server_disconnect": (ServerDisconnect, True),
-    "decision": (Decision, True),
+    "decision": (Decision, None),  # None: --check prints decisions outside any connection
     "tls": (Tls, True),
     "request": (Request, True),
     "response": (Response, True),

@@ -51,7 +51,8 @@ def format_text(ev: dict) -> str | None:
         )
     if kind == "error":
         where = f" {ev['address']}" if ev.get("address") else ""
-        return f"{who}error ({ev['stage']}){where}: {ev['message']}\n"
+        message = " ".join(ev["message"].splitlines())  # one line, whatever a peer sent
+        return f"{who}error ({ev['stage']}){where}: {message}\n"
     if kind == "shutdown":
         return (
             f"shutdown ({ev['reason']}): {ev['connections']} connections, "
@@ -59,3 +60,9 @@ def format_text(ev: dict) -> str | None:
             f"{ev['errors']} errors\n"
         )
     return None
+
+
+def error_line(ev: dict) -> str:
+    """An `error` event as the one line stderr gets by default (-q: none), so that a
+    person whose stdout goes to jq or a file still sees why a client failed."""
+    return "dumpproxy: " + format_text(ev)  # type: ignore[operator]

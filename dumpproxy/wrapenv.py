@@ -70,7 +70,9 @@ def browser_command(command: list[str], proxy_url: str | None, pin: str,
                      if a == switch or a.startswith(switch + "=")), None)
 
     if proxy_url is not None and all(given(s) is None for s in BROWSER_PROXY_SWITCHES):
-        added.append(f"--proxy-server={proxy_url}")
+        # --proxy-server takes no credentials (--proxyauth): the browser asks for them
+        u = urlsplit(proxy_url)
+        added.append(f"--proxy-server={u._replace(netloc=u.netloc.rpartition('@')[2]).geturl()}")
         if given(BYPASS_SWITCH) is None:
             added.append(f"{BYPASS_SWITCH}=" + ";".join(["<-loopback>", *no_proxy]))
     i = given(SPKI_SWITCH)

@@ -540,6 +540,25 @@ class OriginHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_HEAD = do_DELETE = do_GET
 
 
+def close_listener(sock: socket.socket, thread: threading.Thread | None = None,
+                   timeout: float = 15) -> None:
+    """Close a listening socket whose accept loop runs in `thread`, ending the loop first.
+
+    Closing the descriptor under a thread blocked in accept() leaves that thread blocked on
+    the old socket; when the kernel restarts the call (a signal handled with SA_RESTART,
+    ptrace, a cgroup freeze and thaw), it runs on whatever socket has taken the number
+    since, such as a later test's origin, and steals one of its connections: the origin's
+    client gets a reset (a 502 from the proxy) and the origin's own accept loop, woken for
+    that connection, blocks. shutdown() wakes accept() (EINVAL) while the number is ours."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not listening (any more), or not connected
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
+    sock.close()
+
+
 class Origin:
     def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
         server_cls = ThreadingHTTPServer

@@ -633,8 +633,9 @@ def test_proxy_authentication() -> None:
             assert resp.headers["proxy-authenticate"] == 'Basic realm="dumpproxy"'
         assert rig.connector.connects == []
         assert rig.kinds() == ["request", "error", "response"] * 2
-        assert {(e["stage"], e["message"]) for e in rig.of("error")} == {
-            ("auth", "proxy authentication required")}
+        assert [(e["stage"], e["message"]) for e in rig.of("error")] == [
+            ("auth", "proxy authentication required: no credentials sent"),
+            ("auth", "proxy authentication failed for user 'alice'")]
         assert [e["status"] for e in rig.of("response")] == [407, 407]
         assert [e["flow"] for e in rig.of("error")] == [1, 2]
 

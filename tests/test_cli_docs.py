@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -664,8 +665,12 @@ def complete(loader: Loader, shell: str, line: str, tmp_path: Path) -> list[str]
 
 @pytest.fixture(scope="session")
 def venv_bin(tmp_path_factory) -> Path:
-    """dumpproxy installed from a copy of this checkout into a fresh venv (offline: no
-    dependencies fetched, the system site-packages provide them and the build backend)."""
+    """dumpproxy installed from a copy of this checkout into a fresh venv, offline: the
+    wheel is built by the interpreter running the tests (whose environment has the build
+    backend, `.[test]` brings it) and installed without dependencies; the new venv sees
+    that environment's packages through a .pth file. `--system-site-packages` would not
+    do: inside a venv it exposes the base interpreter's site-packages (on Debian without
+    orjson, an old cryptography), not the venv's that `pip install '.[test]'` filled."""
     base = tmp_path_factory.mktemp("venv-install")
     src = base / "src"
     src.mkdir()
@@ -673,15 +678,29 @@ def venv_bin(tmp_path_factory) -> Path:
         shutil.copy2(ROOT / name, src / name)
     for name in ("dumpproxy", "man", "completions"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = base / "wheels"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "-w", str(wheels), str(src)],
+        capture_output=True, text=True, timeout=300, cwd=base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = wheels.glob("dumpproxy-*.whl")
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-         "-q", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+         "-q", "--no-deps", "--no-index", str(wheel)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (venv / "bin" / "dumpproxy").is_file()
+    # Only now the outer environment (after the install: pip would take a dumpproxy
+    # installed there, as `pip install '.[test]'` leaves it, for this one), appended
+    # after the venv's own site-packages, so that the venv's dumpproxy comes first.
+    (site_dir,) = (venv / "lib").glob("python3*/site-packages")
+    outer = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE
+                                      else [])
+    (site_dir / "test-environment.pth").write_text("".join(f"{d}\n" for d in outer))
     return venv / "bin"
 
 

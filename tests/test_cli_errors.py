@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, isolated_resolver, run_cli
 
 PREFIX = "dumpproxy: error: "
 
@@ -56,6 +57,8 @@ MISTAKES = [
      2, ["--ignore-hosts-file", "empty file name", "- for standard input"]),
     ("forgotten --", ["curl", "-s", "http://example.com/"],
      2, ["'curl'", "put '--' before it", "dumpproxy [OPTIONS] -- curl -s http://example.com/"]),
+    ("subcommand after options", ["-p", "9000", "har", "traffic.jsonl"],
+     2, ["'har'", "subcommand and comes first", "dumpproxy har traffic.jsonl"]),
     ("conflicting options, --check with --mode", ["--check", "a:443", "--mode", "bogus"],
      2, ["--check", "--mode"]),
     ("conflicting options, --check with a command", ["--check", "a:443", "--", "true"],
@@ -70,9 +73,34 @@ def test_common_mistakes(name, args, status, pieces, home):
         assert piece in line, f"{name}: {piece!r} not in {line!r}"
 
 
+def test_misplaced_har_is_not_told_to_run_as_a_command(home):
+    """`-- har FILE` would look for a program called har."""
+    line = one_line(run_cli("-p", "9000", "har", "traffic.jsonl", home=home), 2)
+    assert " -- " not in line, line
+    assert line.endswith(": dumpproxy har traffic.jsonl"), line
+
+
 def test_port_in_use(occupied_port, home):
     line = one_line(run_cli("-p", str(occupied_port), home=home), 1)
     assert line == f"cannot listen on 127.0.0.1:{occupied_port}: address already in use"
+
+
+@pytest.mark.parametrize("args, where", [
+    (["--listen-host", "nosuch.invalid"], "nosuch.invalid:0"),
+    (["--mode", "regular@nosuch.invalid:0", "--mode", "socks5@0"],
+     "nosuch.invalid:0 (--mode regular)"),
+])
+def test_unresolvable_listen_host(args, where, home, tmp_path):
+    """Not `unknown error -2` (getaddrinfo's EAI_NONAME read as an errno). The name is
+    looked up with a private resolver (nothing leaves the machine; any name fails)."""
+    cmd = isolated_resolver([sys.executable, "-m", "dumpproxy", "-p", "0", *args], {}, tmp_path)
+    r = subprocess.run(cmd, capture_output=True, timeout=30, cwd=ROOT,
+                       env=dict(os.environ, DUMPPROXY_HOME=str(home)))
+    line = one_line(r, 1)
+    # no DNS server answers the private resolver: EAI_AGAIN (a real lookup: EAI_NONAME)
+    assert line == (f"cannot listen on {where}: the host name does not resolve (temporary "
+                    "failure in name resolution); give an address (127.0.0.1, ::1, 0.0.0.0) "
+                    "or a name that resolves")
 
 
 @pytest.mark.parametrize("option", ["--allow-hosts-file", "--output", "--ca-dir",

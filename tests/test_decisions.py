@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, Origin, curl, run_cli
+from conftest import ROOT, Origin, curl, parse_events, run_cli
 
 DECISION_KEYS = ["ts", "event", "conn", "client", "address", "action", "reason", "pattern",
                  "source", "matched", "candidates", "sni"]
@@ -887,11 +887,27 @@ def test_sighup_right_after_listening_does_not_kill(dumpproxy, pki, tmp_path):
 def check_rows(r: subprocess.CompletedProcess) -> list[dict]:
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
-    rows = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    rows = parse_events(r.stdout)  # decision events, valid against the schema ...
     for row in rows:
-        assert list(row) == ["event", *DECISION_KEYS[4:]]
-        assert row["event"] == "decision"
+        assert list(row) == ["ts", "event", *DECISION_KEYS[4:]]  # ... with no connection
+        assert row["event"] == "decision" and abs(row["ts"] - time.time()) < 60
     return rows
+
+
+def test_check_lines_validate_against_the_printed_schema(tmp_path):
+    """The newcomer's reproduction: `dumpproxy --check a.b:443` through jsonschema with the
+    schema `dumpproxy --schema` prints (not only the test suite's copy)."""
+    import jsonschema
+
+    schema = json.loads(run_cli("--schema").stdout)
+    r = run_cli("--ignore-hosts", "^a", "--check", "a.b:443", "c.d:80", home=tmp_path / "h")
+    for row in check_rows(r):
+        jsonschema.validate(row, schema)
+    # a decision of real traffic still carries its connection: only conn and client
+    # together may be left out
+    decision = schema["$defs"]["decision"]
+    assert {"conn", "client"} <= set(decision["properties"])
+    assert "ts" in decision["required"] and "conn" not in decision["required"]
 
 
 def test_check_prints_decisions_without_network_or_ca(tmp_path):
@@ -904,7 +920,7 @@ def test_check_prints_decisions_without_network_or_ca(tmp_path):
          "--allow-hosts", r"\.test:", "--check", "a.test:1", "b.test:2", "c.example:3"],
         capture_output=True, cwd=ROOT, timeout=30, env=dict(os.environ, DUMPPROXY_HOME=str(home)))
     rows = check_rows(r)
-    assert [{k: v for k, v in row.items() if k != "event"} for row in rows] == [
+    assert [{k: v for k, v in row.items() if k not in ("ts", "event")} for row in rows] == [
         expect("a.test:1", "passthrough", "ignore_hosts", r"^a\.test:1$", f"{f}:2", "a.test:1",
                ["a.test:1"], None),
         expect("b.test:2", "intercept", "allow_hosts", r"\.test:", "--allow-hosts", "b.test:2",

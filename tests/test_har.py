@@ -310,8 +310,9 @@ def test_malformed_line_is_skipped_with_a_warning(dumpproxy, origin, tmp_path):
 
 
 def test_warnings_are_capped_and_counted(tmp_path):
-    junk = tmp_path / "junk.txt"
-    junk.write_text("x\n" * 8)
+    junk = tmp_path / "junk.jsonl"  # junk, then one event: a (damaged) capture
+    junk.write_text("x\n" * 8 + '{"ts":1.0,"event":"client_connect","conn":1,'
+                    '"client":"127.0.0.1:5"}\n')
     doc, err = har(str(junk), str(junk))
     assert err.splitlines() == [
         *(f"dumpproxy: warning: {junk}:{n}: not a JSON line, skipped" for n in range(1, 9)),
@@ -320,6 +321,38 @@ def test_warnings_are_capped_and_counted(tmp_path):
         "dumpproxy: warning: more lines skipped (counted in the HAR's comment)"]
     assert check_har(doc) == []
     assert doc["log"]["comment"].endswith("; 16 input lines skipped")
+
+
+def test_a_file_without_events_is_an_error_before_any_output(dumpproxy, origin, tmp_path):
+    """`dumpproxy har traffic.har` (or a --format text capture) used to write an empty HAR
+    and exit 0, unnoticed by a script: now one line naming the file, exit 2, no output."""
+    p = dumpproxy()
+    assert curl("-x", p.url, "-o", "/dev/null", origin.url("/small")).returncode == 0
+    capture = capture_of(p, tmp_path / "c.jsonl")
+    doc, _ = har(str(capture))
+    as_har = tmp_path / "traffic.har"
+    as_har.write_text(json.dumps(doc, indent=2) + "\n")
+    one_line_har = tmp_path / "one-line.har"
+    one_line_har.write_text(json.dumps(doc) + "\n")
+    text = tmp_path / "text.log"
+    r = run_cli("--format", "text", "-q", "-o", str(text), "--", "curl", "-s", "-o",
+                "/dev/null", origin.url("/small"), home=p.home)
+    assert r.returncode == 0, r.stderr
+    assert text.read_text().startswith("Proxy server listening at ")
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"a": 1}\n[2]\n')
+    cases = {as_har: "a HAR document already?", one_line_har: "a HAR document already?",
+             other: 'the JSON lines dumpproxy writes have an "event" field',
+             text: "a --format text capture? only the JSON lines of the default --format "
+                   "json convert"}
+    for bad, why in cases.items():
+        lines = len(bad.read_text().splitlines())
+        for args in ([str(bad)], [str(capture), str(bad)], ["-"]):  # alone, second, stdin
+            r = run_cli("har", *args, stdin=bad.read_bytes() if args == ["-"] else None)
+            name = "-" if args == ["-"] else str(bad)
+            assert (r.returncode, r.stdout) == (2, b""), r.stderr
+            assert r.stderr.decode() == (f"dumpproxy: error: {name}: not a dumpproxy capture: "
+                                         f"none of its {lines} lines is an event ({why})\n")
 
 
 def test_bad_file_is_one_line_exit_2(tmp_path):

@@ -25,7 +25,7 @@ import h2.events
 import h2.settings
 import hyperframe.frame
 import pytest
-from conftest import DumpProxy, curl, parse_events
+from conftest import DumpProxy, close_listener, curl, parse_events
 from test_http2 import RawH2
 
 # --- helpers ------------------------------------------------------------------------------
@@ -248,7 +248,8 @@ class CountingH2Origin:
         self.connections = 0
         self.closed = 0
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -290,7 +291,7 @@ class CountingH2Origin:
                 self.closed += 1
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self.thread)
 
 
 @pytest.fixture
@@ -406,6 +407,41 @@ def test_silent_tunnels_and_slow_heads_are_cut_and_give_descriptors_back(dumppro
     assert len(tunnels) == 10 and len(heads) == 10, p.of("error")
     assert len(p.of("error")) == 20
     fds_back_to(pid, baseline)
+    finish(p)
+
+
+def test_the_head_timeout_ends_every_quiet_client_with_how_idle_timeout(dumpproxy, origin):
+    """One timeout, one `how`: a client that sends nothing at all, one that stops mid-head,
+    one quiet on a keep-alive connection after its response, a silent CONNECT tunnel and
+    a silent SOCKS5 client all end `idle_timeout` (counting idle clients with
+    select(.how=="idle_timeout") finds every one)."""
+    p = dumpproxy("--head-timeout", "1", "--mode", "regular", "--mode", "socks5@0")
+    socks_port = int(p.wait_for(lambda e: e["event"] == "listening" and e["mode"] == "socks5"
+                                )["address"].rsplit(":", 1)[1])
+    silent = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    partial = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    partial.sendall(b"GET http://127.0.0.1:%d/small HTTP/1.1\r\nHost: x\r\nX-Slo" % origin.port)
+    keepalive = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    keepalive.sendall(b"GET http://127.0.0.1:%d/small HTTP/1.1\r\nHost: x\r\n\r\n" % origin.port)
+    tunnel, head = open_tunnel(p.port, f"127.0.0.1:{origin.port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    socks_silent = socket.create_connection(("127.0.0.1", socks_port), timeout=10)
+    clients = {"silent": silent, "partial": partial, "keepalive": keepalive,
+               "tunnel": tunnel, "socks5": socks_silent}
+    ports = {name: s.getsockname()[1] for name, s in clients.items()}
+    for s in clients.values():  # each is closed by the proxy after 1 s (a hang fails here)
+        read_all(s)
+        s.close()
+    p.wait_for(lambda e: e["event"] == "client_disconnect", count=5)
+    how = {e["client"]: e["how"] for e in p.of("client_disconnect")}
+    assert {name: how[f"127.0.0.1:{port}"] for name, port in ports.items()} == dict.fromkeys(
+        clients, "idle_timeout")
+    # the silent tunnel's upstream ends the same way (the keep-alive one goes back to the
+    # pool of idle upstream connections)
+    conn = {e["client"]: e["conn"] for e in p.of("client_connect")}[
+        f"127.0.0.1:{ports['tunnel']}"]
+    sd = p.wait_for(lambda e: e["event"] == "server_disconnect" and e["conn"] == conn)
+    assert sd["how"] == "idle_timeout", sd
     finish(p)
 
 

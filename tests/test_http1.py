@@ -22,7 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, DumpProxy, Origin, curl, free_port, parse_events, rss_kb, run_cli
+from conftest import (
+    ROOT,
+    DumpProxy,
+    Origin,
+    close_listener,
+    curl,
+    free_port,
+    parse_events,
+    rss_kb,
+    run_cli,
+)
 
 import dumpproxy as package
 
@@ -204,7 +214,7 @@ class RawOrigin:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        self.srv.close()
+        close_listener(self.srv, self.thread)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from examples import (
 )
 
 CI_RUN = ROOT / ".ci" / "run"
+CI_BLOCK = ROOT / ".ci" / "readme-block"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
 TEST_COMMAND = "python3 -m pytest -q"
 
@@ -49,7 +50,8 @@ def test_marked_blocks_exist_and_are_shell():
     text = README.read_text()
     found = {name for name, _, _ in re.findall(
         r"^<!-- test: ([\w-]+) -->\n```(\w*)\n(.*?)^```\n", text, re.S | re.M)}
-    assert {"ci-capture", "jq-cookbook", "install", "development", "clickhouse", "har"} <= found
+    assert {"ci-capture", "jq-cookbook", "install", "tests", "development", "clickhouse",
+            "har"} <= found
     # the recipe sits under its own heading
     head, _, _ = text.partition("<!-- test: ci-capture -->")
     assert head.rstrip().rpartition("\n## ")[2].startswith("CI traffic capture")
@@ -241,47 +243,110 @@ def install_commands() -> list[str]:
     return shell_commands(marked_blocks()["install"])
 
 
+def readme_tests_commands() -> list[str]:
+    return shell_commands(marked_blocks()["tests"])
+
+
 def test_example_install():
-    install_run, install_test = install_commands()
     # a venv: Debian's and Ubuntu's Python refuse system-wide pip, and a regular (not
     # editable) install puts the man page where `man dumpproxy` finds it (the venv's bin
-    # on PATH)
-    assert install_run == ("python3 -m venv .venv && . .venv/bin/activate && pip install . "
-                           "&& dumpproxy -p 8080")
-    parts = [p.strip() for p in install_test.split("&&")]
-    assert parts[0] == "apt-get update"
-    assert parts[1].startswith("apt-get install -y ")
+    # on PATH). One command a line: CI runs the block with `bash -e`, which would not stop
+    # at a failure inside an && list; and no proxy left running in the foreground.
+    assert install_commands() == ["python3 -m venv .venv", ". .venv/bin/activate",
+                                  "pip install .", "dumpproxy --version"]
+    assert not [c for c in install_commands() if "&&" in c]
+    # the install block is the first thing in the README, the tests block right after
+    text = README.read_text()
+    assert text.index("<!-- test: install -->") < text.index("<!-- test: tests -->") < \
+        text.index("\n## ")
+
+
+def test_example_tests():
+    """The tests block: what the tests need, then the README's test command (CI runs it)."""
+    commands = readme_tests_commands()
+    assert commands[0] == "apt-get update"
+    assert commands[1].startswith("apt-get install -y ")
     # npm only where Node.js does not bring its own (Debian's npm conflicts with it)
-    assert parts[2:] == ["{ command -v npm >/dev/null || apt-get install -y npm; }",
-                         "python3 -m venv .venv", ". .venv/bin/activate",
-                         "pip install '.[test]'", "npm install --prefix tests/clients",
-                         TEST_COMMAND]
+    assert commands[2:] == ["command -v npm >/dev/null || apt-get install -y npm",
+                            "python3 -m venv .venv", ". .venv/bin/activate",
+                            "pip install '.[test]'", "npm install --prefix tests/clients",
+                            TEST_COMMAND]
+    assert not [c for c in commands if "&&" in c]
     # what they name exists: the package with its console script and test extra, the
-    # packages the tests use, the same list CI installs
+    # packages the tests use
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dumpproxy = "dumpproxy.cli:main"' in pyproject
     assert re.search(r"^test = \[", pyproject, re.M)
-    packages = set(parts[1].split()[3:])
+    packages = set(commands[1].split()[3:])
     assert {"curl", "jq", "util-linux", "python3-venv", "nginx", "chromium", "libnss3-tools",
-            "wget", "git"} <= packages
-    ci = re.search(r"^apt-get install -y -qq (.*?)(?: >|$)", CI_RUN.read_text(), re.M)
-    assert ci and set(ci.group(1).split()) == packages
-    # the install block is the first thing in the README
-    text = README.read_text()
-    assert text.index("<!-- test: install -->") < text.index("\n## ")
+            "wget", "git", "clickhouse-server", "logrotate", "tinyproxy", "nftables"} <= packages
 
 
-def test_ci_runs_the_readme_test_command():
-    lines = [line.strip() for line in CI_RUN.read_text().splitlines()]
-    commands = [line for line in lines if line and not line.startswith("#")]
-    assert commands[-1] == TEST_COMMAND
-    readme_test = install_commands()[1].split("&&")[-1].strip()
-    assert readme_test == commands[-1]
+def test_the_readme_venv_is_ignored_by_git():
+    """The README creates .venv in the checkout: `git status` stays clean."""
+    assert ".venv/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "python3 -m venv .venv" in install_commands()
+
+
+# --- CI: the README's blocks, verbatim ---------------------------------------------------
+
+
+def readme_block(name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CI_BLOCK), name], capture_output=True, text=True,
+                          cwd="/", timeout=30)
+
+
+def test_ci_extracts_every_marked_block_as_the_readme_has_it():
+    """.ci/readme-block (what CI runs) gives each block's exact text, as the tests read
+    it; an unknown name is an error, not an empty script."""
+    blocks = marked_blocks()
+    assert {"install", "tests"} <= set(blocks)
+    for name, text in blocks.items():
+        r = readme_block(name)
+        assert (r.returncode, r.stdout) == (0, text), name
+    r = readme_block("no-such-block")
+    assert r.returncode != 0 and r.stdout == ""
+
+
+def test_example_h11_tests():
+    """The Development section's second parser run, which CI runs in the tests block's
+    venv: the HTTP/1 modules, with h11 forced."""
+    (command,) = shell_commands(marked_blocks()["h11-tests"])
+    env, _, rest = command.partition(" ")
+    assert env == "DUMPPROXY_HTTP1_PARSER=h11" and rest.startswith(TEST_COMMAND + " ")
+    modules = rest.removeprefix(TEST_COMMAND + " ").split()
+    assert "tests/test_http1.py" in modules
+    assert all((ROOT / m).is_file() for m in modules), modules
+
+
+def test_ci_runs_the_readme_blocks_and_no_command_of_its_own():
+    """CI runs the install block, then the test block, in one shell (`bash -e`), in a
+    fresh clone, once per interpreter: its only test command is the README's. The scope
+    of the second interpreter's run names test modules that exist."""
+    ci = CI_RUN.read_text()
+    code = [line.strip() for line in ci.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    assert 'readme=$(.ci/readme-block install)$\'\\n\'$(.ci/readme-block tests)' in code
+    assert any('bash -e -o pipefail -c "$readme"' in line for line in code)
+    assert "h11=$(.ci/readme-block h11-tests)" in code
+    assert any('bash -e -o pipefail -c "$h11"' in line for line in code)
+    assert any(line.startswith("git clone ") for line in code)
+    assert not [line for line in code if "pytest" in line and "PYTEST_ADDOPTS" not in line]
+    assert not [line for line in code if re.search(r"\b(pip|apt-get|npm) ", line)]
+    assert readme_tests_commands()[-1] == TEST_COMMAND
+    scope = re.search(r'DEBIAN_SCOPE="(.*?)"', ci, re.S)
+    assert scope, "no DEBIAN_SCOPE in .ci/run"
+    modules = scope.group(1).split()
+    assert modules and all((ROOT / m).is_file() for m in modules), modules
 
 
 def test_example_development():
     commands = shell_commands(marked_blocks()["development"])
-    assert commands[0] == "python3 -m pip install -e '.[test]'"
+    # a venv first (PEP 668: Debian's python3 refuses pip outside one), the same as the
+    # install section's, then the editable install into it
+    assert commands[:3] == ["python3 -m venv .venv", ". .venv/bin/activate",
+                            "pip install -e '.[test]'"]
+    assert install_commands()[:2] == commands[:2]
     assert TEST_COMMAND in commands
     ruff = [c for c in commands if c.startswith("ruff check")]
     assert ruff, commands
@@ -291,12 +356,15 @@ def test_example_development():
 
 
 def test_example_bench_commands():
-    """The benchmark is shared and not run by the tests; its commands name real scripts."""
+    """The shared benchmark is not in the repository (a clone has nothing beside it): the
+    README says where it lives, and its commands are the two the workspace's scripts
+    take. The micro-benchmarks the README names are in bench/."""
     commands = shell_commands(marked_blocks()["bench-commands"])
     assert commands == ["bash ../shared/bench/setup.sh",
                         "python3 ../shared/bench/bench.py --repeat 3"]
-    for command in commands:
-        script = ROOT / command.split()[1]
-        assert script.is_file(), script
-    for script in re.findall(r"`python (bench/\w+\.py)`", README.read_text()):
+    text = " ".join(README.read_text().split())
+    assert "not part of this repository" in text and "`../shared/bench/`" in text
+    scripts = re.findall(r"`python (bench/\w+\.py)`", README.read_text())
+    assert scripts
+    for script in scripts:
         assert (ROOT / script).is_file(), script

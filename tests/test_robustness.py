@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -19,22 +20,37 @@ def test_proxyauth_required_and_never_forwarded(dumpproxy, origin):
     r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}", origin.url("/echo"))
     assert r.stdout == b"407"
     err = p.wait_for(lambda e: e["event"] == "error" and e["stage"] == "auth")
-    assert "authentication" in err["message"]
+    assert err["message"] == "proxy authentication required: no credentials sent"
 
-    r = curl("-x", p.url, "-U", "alice:wrong", "-o", "/dev/null", "-w", "%{http_code}",
+    # a wrong password: the error names the user (as SOCKS5 does), never the password
+    r = curl("-x", p.url, "-U", "alice:wr0ng", "-o", "/dev/null", "-w", "%{http_code}",
              origin.url("/echo"))
     assert r.stdout == b"407"
+    err = p.wait_for(lambda e: e["event"] == "error" and e["stage"] == "auth", count=2)
+    assert err["message"] == "proxy authentication failed for user 'alice'"
+    # credentials that are not Basic, or not user:pass, are not echoed (may be a token)
+    for header in ("Bearer SECRET-TOKEN", "Basic " + base64.b64encode(b"SECRET").decode()):
+        r = curl("-x", p.url, "-H", f"Proxy-Authorization: {header}", "-o", "/dev/null",
+                 "-w", "%{http_code}", origin.url("/echo"))
+        assert r.stdout == b"407"
+    p.wait_for(lambda e: e["event"] == "error" and e["stage"] == "auth", count=4)
+    errs = p.of("error", stage="auth")
+    assert [e["message"] for e in errs[2:]] == [
+        "proxy authentication failed: credentials are not HTTP Basic",
+        "proxy authentication failed: malformed Basic credentials"]
 
     r = curl("-x", p.url, "-U", "alice:s3cret", origin.url("/echo"))
     seen = json.loads(r.stdout)
     assert seen["path"] == "/echo"
     assert not any(k.lower() == "proxy-authorization" for k in seen["headers"])
     # every request is in the record: the refused ones with their 407
-    reqs = p.wait_for(lambda e: e["event"] == "request", count=3) and p.of("request")
+    reqs = p.wait_for(lambda e: e["event"] == "request", count=5) and p.of("request")
     assert "proxy-authorization" not in reqs[0]["headers"]
-    assert [r["headers"]["proxy-authorization"] for r in reqs[1:]] == ["Basic <redacted>"] * 2
-    statuses = p.wait_for(lambda e: e["event"] == "response", count=3) and p.of("response")
-    assert [e["status"] for e in statuses] == [407, 407, 200]
+    assert [r["headers"]["proxy-authorization"] for r in reqs[1:]] == [
+        "Basic <redacted>", "Bearer <redacted>", "Basic <redacted>", "Basic <redacted>"]
+    statuses = p.wait_for(lambda e: e["event"] == "response", count=5) and p.of("response")
+    assert [e["status"] for e in statuses] == [407, 407, 407, 407, 200]
+    assert not any("wr0ng" in line or "SECRET" in line for line in p.lines)
 
 
 def test_proxyauth_on_connect(dumpproxy, tls_origin, pki):
@@ -43,9 +59,17 @@ def test_proxyauth_on_connect(dumpproxy, tls_origin, pki):
     r = curl("-x", p.url, "--cacert", ca, tls_origin.url("/small", "localhost"))
     assert r.returncode != 0  # CONNECT refused with 407
     assert b"407" in r.stderr
+    r = curl("-x", p.url, "-U", "bob:wrong-pw", "--cacert", ca,
+             tls_origin.url("/small", "localhost"))
+    assert r.returncode != 0 and b"407" in r.stderr
     r = curl("-x", p.url, "-U", "bob:pw", "--cacert", ca, tls_origin.url("/small", "localhost"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"hello\n"
+    p.wait_for(lambda e: e["event"] == "response")
+    assert [e["message"] for e in p.of("error", stage="auth")] == [
+        "proxy authentication required: no credentials sent",
+        "proxy authentication failed for user 'bob'"]
+    assert not any("wrong-pw" in line for line in p.lines)
 
 
 def test_bad_peers_leave_no_descriptors_behind(dumpproxy, origin):

@@ -96,7 +96,8 @@ class Traffic(threading.Thread):
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
                 conn.request("GET", self.url)
                 r = conn.getresponse()
-                assert r.read() == b"hello\n" and r.status == 200
+                body = r.read()
+                assert r.status == 200 and body == b"hello\n", (r.status, body)
                 self.ok += 1
         except BaseException as e:  # reported by the test
             self.failure = e

@@ -200,6 +200,9 @@ def test_browser_command_keeps_the_users_choices():
     assert browser_command(["chromium"], "http://127.0.0.1:1", "PIN", ["a.test", ".b"]) == [
         "chromium", "--proxy-server=http://127.0.0.1:1",
         "--proxy-bypass-list=<-loopback>;a.test;.b", "--ignore-certificate-errors-spki-list=PIN"]
+    # --proxyauth: Chromium's --proxy-server takes no credentials
+    assert browser_command(["chromium"], "http://u:p%40ss@127.0.0.1:1", "PIN", [])[1] == (
+        "--proxy-server=http://127.0.0.1:1")
     # --isolate: no proxy to name, the pin only
     assert browser_command(["chromium"], None, "PIN", []) == [
         "chromium", "--ignore-certificate-errors-spki-list=PIN"]
