@@ -319,8 +319,12 @@ def test_example_soak(tmp_path: Path) -> None:
     for name, exchanges, conns, errors, fds, after in rows.values():
         n, c = int(exchanges.replace(",", "")), int(conns.replace(",", ""))
         assert n > 0, (name, r.stdout)
-        # one connection per exchange, a few kept alive, or exactly one
-        assert {"newconn": c >= n, "h2x1": c == 1}.get(name, c <= 8), (name, r.stdout)
+        # one connection per exchange, exactly one, or kept alive: Go's client (hey) dials
+        # spares while a request waits and closes those its idle pool cannot hold, more
+        # of them on a loaded machine (19 for 1,800 exchanges seen in CI), so keep-alive
+        # is "many exchanges per connection", not a fixed count
+        assert {"newconn": c >= n, "h2x1": c == 1}.get(name, 0 < c <= n / 20), \
+            (name, r.stdout)
         assert (errors, after) == ("0", fds), (name, r.stdout)  # descriptors back
     assert r.stdout.count("problems: none") == 5, r.stdout
     assert len(re.findall(r"^\w+: exit 0, requests ([\d,]+), responses \1, errors 0$",
