@@ -13,18 +13,17 @@ import argparse
 import base64
 import datetime
 import os
-import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import IO
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
 from dumpproxy import __version__
+from dumpproxy.captures import Skipped, open_captures
 
 HAR_VERSION = "1.2"
-MAX_WARNINGS = 10  # malformed lines reported one by one; the rest only counted
 
 Key = tuple[int, int, int]  # (run, conn, flow)
 # HAR has no fixed spelling of HTTP versions; browsers' exports set the convention, and
@@ -387,101 +386,6 @@ def convert(events: Iterable[dict]) -> dict:
                     "pages": [], "entries": entries}}
 
 
-# -- files --------------------------------------------------------------------------------
-
-
-class Skipped:
-    """Lines skipped in all inputs: the first MAX_WARNINGS named on stderr, all counted."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.shown = 0
-
-    def show(self, warnings: list[str]) -> None:
-        for text in warnings:
-            self.shown += 1
-            if self.shown <= MAX_WARNINGS:
-                print(f"dumpproxy: warning: {text}, skipped", file=sys.stderr)
-            elif self.shown == MAX_WARNINGS + 1:
-                print("dumpproxy: warning: more lines skipped (counted in the HAR's comment)",
-                      file=sys.stderr)
-
-
-class NotACapture(Exception):
-    """A file with lines but not one dumpproxy event in them: the wrong file."""
-
-
-class Input:
-    """Event lines from one file; a malformed line is skipped and reported as FILE:LINE.
-
-    `start` reads up to the first event before anything is written, so that a file that
-    holds none (a HAR document, a --format text capture) is an error, not an empty HAR;
-    its warnings are held until then (one error says it all)."""
-
-    def __init__(self, name: str, f: IO[bytes], skipped: Skipped):
-        self.name = name
-        self.f = f
-        self.skipped = skipped
-        self._held: list[str] | None = []  # warnings before the first event; None: shown
-        self._first_line = b""  # the first non-blank line, to say what the file is
-        self._lines = 0  # complete non-blank lines
-        self._events = self._read()
-        self._first: dict | None = None
-
-    def start(self) -> None:
-        """Read up to the first event. Raises NotACapture when there is none."""
-        self._first = next(self._events, None)
-        if self._first is None and self._lines:
-            raise NotACapture(f"{self.name}: not a dumpproxy capture: none of its "
-                              f"{self._lines} lines is an event ({self._what()})")
-
-    def events(self) -> Iterator[dict]:
-        """The events, from the first (`start` first); held warnings shown in order."""
-        held, self._held = self._held or [], None
-        self.skipped.show(held)
-        if self._first is not None:
-            yield self._first
-            yield from self._events
-
-    def _what(self) -> str:
-        line = self._first_line.strip()
-        if re.match(rb'\{\s*("log"\s*:|$)', line):  # pretty-printed or on one line
-            return "a HAR document already?"
-        if line[:1] in (b"{", b"["):
-            return 'the JSON lines dumpproxy writes have an "event" field'
-        return "a --format text capture? only the JSON lines of the default --format " \
-               "json convert"
-
-    def _skip(self, number: int, why: str) -> None:
-        self.skipped.count += 1
-        text = f"{self.name}:{number}: {why}"
-        if self._held is None:
-            self.skipped.show([text])
-        elif len(self._held) <= MAX_WARNINGS:  # beyond that only counted
-            self._held.append(text)
-
-    def _read(self) -> Iterator[dict]:
-        for number, line in enumerate(self.f, 1):
-            if not line.endswith(b"\n"):
-                # the last line of a capture still being written (or cut off): not an event yet
-                self._skip(number, "incomplete last line")
-                return
-            if not line.strip():
-                continue
-            self._lines += 1
-            if not self._first_line:
-                self._first_line = line[:1000]
-            try:
-                ev = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                self._skip(number, "not a JSON line")
-                continue
-            if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
-                self._skip(number, "not a dumpproxy event")
-                continue
-            yield ev
-
-
 def build_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="dumpproxy har",
@@ -534,27 +438,10 @@ def main(argv: list[str]) -> int:
     if names.count("-") > 1:
         print("dumpproxy: error: standard input ('-') can be read only once", file=sys.stderr)
         return 2
-    inputs: list[Input] = []
     skipped = Skipped()
-    for name in names:  # all opened first: a bad name fails before any output
-        try:
-            f = sys.stdin.buffer if name == "-" else open(name, "rb")
-        except OSError as e:
-            print(f"dumpproxy: error: {name}: {e.strerror or e}", file=sys.stderr)
-            for i in inputs:
-                i.f.close()
-            return 2
-        inputs.append(Input(name, f, skipped))
-    try:  # every file shows it is a capture before anything is written
-        for inp in inputs:
-            inp.start()
-    except (NotACapture, OSError) as e:
-        why = e if isinstance(e, NotACapture) else f"{inp.name}: {e.strerror or e}"
-        print(f"dumpproxy: error: {why}", file=sys.stderr)
-        for i in inputs:
-            if i.f is not sys.stdin.buffer:
-                i.f.close()
-        return 2 if isinstance(e, NotACapture) else 1
+    inputs = open_captures(names, skipped)
+    if isinstance(inputs, int):
+        return inputs
     out = Output(sys.stdout.buffer)
     conv = HarConverter()
     try:
@@ -568,8 +455,7 @@ def main(argv: list[str]) -> int:
                 print(f"dumpproxy: error: {inp.name}: {e.strerror or e}", file=sys.stderr)
                 return 1
             finally:
-                if inp.f is not sys.stdin.buffer:
-                    inp.f.close()
+                inp.close()
         for entry in conv.close():
             out.entry(entry)
         comment = f"converted by dumpproxy har: {conv.entries} entries ({conv.failed} failed)"
