@@ -58,6 +58,8 @@ Full reference, event fields and more examples: see dumpproxy(1)."""
 PATH_OPTIONS = {
     "ignore_hosts_file": "--ignore-hosts-file",
     "allow_hosts_file": "--allow-hosts-file",
+    "egress_allow_file": "--egress-allow-file",
+    "egress_deny_file": "--egress-deny-file",
     "ca_dir": "--ca-dir",
     "upstream_ca": "--upstream-ca",
     "output": "--output",
@@ -111,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore patterns from FILE, one per line ('-' = stdin); repeatable")
     f.add_argument("--allow-hosts-file", metavar="FILE", action="append", default=[],
                    help="allow patterns from FILE, one per line ('-' = stdin); repeatable")
+    e = p.add_argument_group("egress policy (what may be reached at all)")
+    e.add_argument("--egress-allow", metavar="REGEX", action="append", default=[],
+                   help="block every destination matching no egress allow pattern; "
+                        "repeatable")
+    e.add_argument("--egress-allow-file", metavar="FILE", action="append", default=[],
+                   help="egress allow patterns from FILE, one per line ('-' = stdin); "
+                        "repeatable")
+    e.add_argument("--egress-deny", metavar="REGEX", action="append", default=[],
+                   help="block matching destinations; repeatable")
+    e.add_argument("--egress-deny-file", metavar="FILE", action="append", default=[],
+                   help="egress deny patterns from FILE, one per line ('-' = stdin); "
+                        "repeatable")
+    e.add_argument("--egress-audit", action="store_true",
+                   help="block nothing: decisions that would block say so (would_block)")
     f.add_argument("--check", metavar="HOST:PORT", nargs="+",
                    help="print the decision for each target ('-' = lines of stdin) and exit")
     f.add_argument("--pattern-for", metavar="HOST:PORT",
@@ -293,7 +309,7 @@ def check_targets(hf: HostFilter, targets: list[str]) -> int:
         # a decision event (valid against --schema) that no connection is tied to
         out += orjson.dumps(
             {"ts": round(time.time(), 6), "event": "decision", "address": target,
-             **d.fields(), "sni": None},
+             **d.fields(), "sni": None, **d.extra_fields()},
             option=orjson.OPT_APPEND_NEWLINE,
         )
     sys.stdout.buffer.write(bytes(out))
@@ -388,14 +404,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             return _fail(f"--pattern-for: {e}")
         return EXIT_OK
-    stdin_users = (args.ignore_hosts_file + args.allow_hosts_file).count("-") + (
-        args.check == ["-"]
-    )
+    stdin_users = (args.ignore_hosts_file + args.allow_hosts_file + args.egress_allow_file
+                   + args.egress_deny_file).count("-") + (args.check == ["-"])
     if stdin_users > 1:
         return _fail("standard input ('-') can be used only once")
     sources = FilterSources(
         tuple(args.ignore_hosts), tuple(args.allow_hosts),
         tuple(args.ignore_hosts_file), tuple(args.allow_hosts_file),
+        egress_allow_flags=tuple(args.egress_allow), egress_deny_flags=tuple(args.egress_deny),
+        egress_allow_files=tuple(args.egress_allow_file),
+        egress_deny_files=tuple(args.egress_deny_file), egress_audit=args.egress_audit,
     )
     try:
         sources = sources.with_stdin()
@@ -438,7 +456,12 @@ def _check_combinations(args: argparse.Namespace, command: list[str] | None) -> 
         values = value if isinstance(value, list) else [value]
         if "" in values:
             raise UsageError(f"{option}: empty file name (give a path"
-                             + (", or - for standard input)" if "hosts" in dest else ")"))
+                             + (", or - for standard input)" if "hosts" in dest
+                                or "egress" in dest else ")"))
+    if args.egress_audit and not (args.egress_allow or args.egress_allow_file
+                                  or args.egress_deny or args.egress_deny_file):
+        raise UsageError("--egress-audit needs an egress list to audit (--egress-allow, "
+                         "--egress-allow-file, --egress-deny or --egress-deny-file)")
     if command is None:
         for name, given in (("--isolate", args.isolate),
                             ("--no-browser-flags", args.no_browser_flags)):

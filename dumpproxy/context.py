@@ -16,7 +16,8 @@ from dumpproxy.auth import ProxyAuth
 from dumpproxy.certs import CertStore
 from dumpproxy.config import Config
 from dumpproxy.events import EventWriter
-from dumpproxy.hostfilter import DECISION_BUDGET, HostFilter
+from dumpproxy.hostfilter import DECISION_BUDGET, Egress, HostFilter, candidates
+from dumpproxy.hostfilter import Decision as HostDecision
 from dumpproxy.pool import Pool, pool_key
 from dumpproxy.schema import Decision, Error, Stage
 from dumpproxy.streams import SocketStream
@@ -33,6 +34,8 @@ class Stats:
     requests: int = 0
     passthrough: int = 0
     errors: int = 0
+    blocked: int = 0  # egress: decisions `block`
+    would_block: int = 0  # egress audit: decisions that would have blocked
 
 
 class Services:
@@ -51,6 +54,8 @@ class Services:
         self.stopping = False  #: the proxy is shutting down: no new exchange on a connection
         #: idle upstream connections, for any client connection
         self.pool = Pool(idle=cfg.pool_idle_timeout)
+        #: egress: each blocked destination's [count, first time, why] (wrap mode's summary)
+        self.blocked: dict[str, list] = {}
         self._flows = 0
         self._servers = 0
 
@@ -109,20 +114,48 @@ class Context:
             fields["address"] = address
         self.emit("error", fields)
 
-    def decide(self, host: str, port: int, cands: list[str], sni: str | None):
-        """Decide intercept or passthrough for these candidates; write `decision`."""
+    def egress(self, host: str, port: int) -> Egress | None:
+        """The egress verdict on a destination named by the client, judged on the name
+        alone before any connection or DNS lookup (None: no egress lists)."""
+        f = self.services.filter
+        return f.egress(candidates(host, port)) if f.egress_on else None
+
+    def decide(self, host: str, port: int, cands: list[str], sni: str | None,
+               egress: Egress | None = None, flow: int | None = None) -> HostDecision:
+        """Decide block, intercept or passthrough for these candidates (after the egress
+        verdict already judged, if any); write `decision` (with the flow of a plain-HTTP
+        request it blocks)."""
         services = self.services
-        d = services.filter.decide(cands)
+        d = services.filter.decide(cands, egress)
         if d.passthrough:
             services.stats.passthrough += 1
         address = join_host_port(host, port)
-        self.emit("decision", Decision(address=address, **d.fields(), sni=sni))
+        fields = Decision(address=address, **d.fields(), sni=sni)
+        if d.egress is not None:
+            if flow is not None:
+                fields["flow"] = flow
+            fields.update(d.extra_fields())  # type: ignore[typeddict-item]
+            self._count_egress(address, d)
+        self.emit("decision", fields)
         if d.reason == "timeout":
             self.error("decision", f"pattern {d.pattern!r} ({d.source}) took more than "
                        f"{DECISION_BUDGET * 1000:g} ms to match; passed through untouched: "
                        "rewrite the pattern without nested or adjacent repeats",
                        address=address)
         return d
+
+    def _count_egress(self, address: str, d: HostDecision) -> None:
+        stats, e = self.services.stats, d.egress
+        assert e is not None
+        if d.action == "block":
+            stats.blocked += 1
+            seen = self.services.blocked.get(address)
+            if seen is None:
+                self.services.blocked[address] = [1, time.time(), e.why(address)]
+            else:
+                seen[0] += 1
+        elif e.blocked:
+            stats.would_block += 1
 
     async def open_upstream(self, host: str, port: int, tls: TLSRequest | None = None,
                             forward: bool = False, reuse: bool = True) -> Upstream:

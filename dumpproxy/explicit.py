@@ -39,6 +39,9 @@ class ConnectAnswer:
         answer_error(self.h, self.client, err.status, err.message)
         return False  # a CONNECT is no exchange of the record: the error stands alone
 
+    def blocked(self, why: str) -> None:
+        answer_error(self.h, self.client, 403, why)
+
 
 async def serve_explicit(ctx: Context, client: Stream) -> Destination | None:
     """Serve the explicit proxy on this client stream until it closes, or until a CONNECT

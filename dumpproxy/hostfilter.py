@@ -1,4 +1,9 @@
-"""The host filter: ignore/allow pattern lists and the intercept-or-passthrough rule (pure).
+"""The host filter: pattern lists, the egress verdict and the intercept-or-passthrough rule
+(pure).
+
+Two rules, in this order (SPEC §9.4, then §3): the egress lists say whether a destination
+may be reached at all (`block`); what may be reached is then intercepted or passed
+through by the allow/ignore lists.
 
 Candidates are `host:port` strings (SPEC §3). Patterns have Python `re` syntax and
 semantics (re.search, IGNORECASE); `re` compiles them at load (its error messages name
@@ -17,13 +22,14 @@ instead of one per pattern). Results are cached per candidate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import string
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import regex
 
@@ -56,13 +62,54 @@ class MatchTimeout(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Egress:
+    """The egress verdict on a destination: may it be reached at all (SPEC §9.4)?"""
+
+    blocked: bool
+    reason: str  # "egress_allow" / "egress_deny" / "default" (no allow list, no deny hit)
+    # / "timeout" (a pattern took too long: blocked, when unsure keep the job in)
+    pattern: str | None  # the pattern that decided it
+    source: str | None  # its FILE:LINE (or flag); a block by no allow pattern: the list's
+    matched: str | None
+    audit: bool = False  # --egress-audit: a block is only reported (`would_block`)
+
+    @property
+    def enforced(self) -> bool:
+        """The destination must not be reached."""
+        return self.blocked and not self.audit
+
+    def why(self, address: str) -> str:
+        """For a person (403 body, wrap mode's summary): what blocked it, and where."""
+        if self.reason == "egress_deny":
+            return (f"{address} matches egress deny pattern {self.pattern!r} "
+                    f"({self.source})")
+        if self.reason == "timeout":
+            return (f"{address}: egress pattern {self.pattern!r} ({self.source}) took "
+                    "too long to match")
+        return f"{address} matches no egress allow pattern ({self.source})"
+
+    def refusal(self, address: str) -> str:
+        """The body of the 403 a blocked CONNECT or plain-HTTP request gets."""
+        return f"blocked by dumpproxy's egress policy: {self.why(address)}"
+
+    def fields(self) -> dict:
+        """The `decision` fields of a destination that was not blocked."""
+        out: dict = {"egress_reason": self.reason, "egress_pattern": self.pattern,
+                     "egress_source": self.source}
+        if self.blocked:  # audit mode
+            out["would_block"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    action: str  # "intercept" / "passthrough"
-    reason: str  # "allow_hosts" / "ignore_hosts" / "default"
+    action: str  # "intercept" / "passthrough" / "block"
+    reason: str  # "allow_hosts" / "ignore_hosts" / "default" / "timeout" / "egress_*"
     pattern: str | None
     source: str | None
     matched: str | None
     candidates: tuple[str, ...]
+    egress: Egress | None = None  # the egress verdict, when egress lists are set
 
     @property
     def passthrough(self) -> bool:
@@ -77,6 +124,17 @@ class Decision:
             "matched": self.matched,
             "candidates": list(self.candidates),
         }
+
+    def extra_fields(self) -> dict:
+        """The optional fields after `sni`: the egress verdict of what was not blocked."""
+        e = self.egress
+        return e.fields() if e is not None and self.action != "block" else {}
+
+
+def blocked_decision(verdict: Egress, cands: Sequence[str]) -> Decision:
+    """The `block` decision of an enforced egress verdict."""
+    return Decision("block", verdict.reason, verdict.pattern, verdict.source,
+                    verdict.matched, tuple(cands), verdict)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -445,25 +503,73 @@ def _timed_search(p: Pattern, candidate: str, deadline: float) -> bool:
         raise MatchTimeout(p) from None
 
 
+def _no_patterns() -> PatternList:
+    return PatternList(())
+
+
 @dataclass(frozen=True)
 class HostFilter:
     allow: PatternList
     ignore: PatternList
+    egress_allow: PatternList = field(default_factory=_no_patterns)
+    egress_deny: PatternList = field(default_factory=_no_patterns)
+    audit: bool = False  # --egress-audit
+    # the allow list's files and flags, for "matches none"; given (even an empty file, which
+    # then blocks everything) when not empty
+    egress_allow_source: str = ""
+    egress_deny_given: bool = False
+    #: egress lists are set: destinations are judged before they are connected
+    egress_on: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.egress_allow and not self.egress_allow_source:
+            object.__setattr__(self, "egress_allow_source", "--egress-allow")
+        object.__setattr__(self, "egress_on", bool(
+            self.egress_allow_source or self.egress_deny or self.egress_deny_given))
 
     @property
     def empty(self) -> bool:
         return not self.allow and not self.ignore
 
-    def decide(self, candidates: Sequence[str]) -> Decision:
-        """SPEC §3's rule. A pattern that takes too long decides passthrough (reason
-        "timeout", that pattern named): when unsure, leave traffic untouched."""
-        cands = tuple(candidates)
+    def egress(self, candidates: Sequence[str]) -> Egress:
+        """SPEC §9.4's rule: a destination matching a deny pattern is blocked; else, when
+        there is an allow list, one matching none of it. A pattern that takes too long
+        blocks (reason "timeout"): when unsure, the job stays in."""
+        audit = self.audit
         deadline = time.monotonic() + DECISION_BUDGET
         try:
-            return self._decide(cands, deadline)
+            hit = self.egress_deny.search(candidates, deadline) if self.egress_deny else None
+            if hit is not None:
+                p, c = hit
+                return Egress(True, "egress_deny", p.text, p.source, c, audit)
+            if not self.egress_allow_source:  # no allow list
+                return Egress(False, "default", None, None, None, audit)
+            hit = self.egress_allow.search(candidates, deadline)
         except MatchTimeout as e:
             p = e.pattern
-            return Decision("passthrough", "timeout", p and p.text, p and p.source, None, cands)
+            return Egress(True, "timeout", p and p.text, p and p.source, None, audit)
+        if hit is None:
+            return Egress(True, "egress_allow", None, self.egress_allow_source, None, audit)
+        p, c = hit
+        return Egress(False, "egress_allow", p.text, p.source, c, audit)
+
+    def decide(self, candidates: Sequence[str], egress: Egress | None = None) -> Decision:
+        """SPEC §3's rule, after the egress verdict (given, or judged here on these
+        candidates when egress lists are set): an enforced block decides `block`. A
+        pattern that takes too long decides passthrough (reason "timeout", that pattern
+        named): when unsure, leave traffic untouched."""
+        cands = tuple(candidates)
+        if egress is None and self.egress_on:
+            egress = self.egress(cands)
+        if egress is not None and egress.enforced:
+            return blocked_decision(egress, cands)
+        deadline = time.monotonic() + DECISION_BUDGET
+        try:
+            d = self._decide(cands, deadline)
+        except MatchTimeout as e:
+            p = e.pattern
+            d = Decision("passthrough", "timeout", p and p.text, p and p.source, None, cands)
+        return d if egress is None else dataclasses.replace(d, egress=egress)
 
     def _decide(self, cands: tuple[str, ...], deadline: float) -> Decision:
         allowed = None
@@ -491,14 +597,18 @@ class FilterSources:
     ignore_files: tuple[str, ...] = ()
     allow_files: tuple[str, ...] = ()
     stdin_text: str | None = None  # `-` is read once; a reload reuses it
+    egress_allow_flags: tuple[str, ...] = ()
+    egress_deny_flags: tuple[str, ...] = ()
+    egress_allow_files: tuple[str, ...] = ()
+    egress_deny_files: tuple[str, ...] = ()
+    egress_audit: bool = False
 
     def with_stdin(self) -> FilterSources:
-        if "-" not in self.ignore_files + self.allow_files or self.stdin_text is not None:
+        files = (self.ignore_files + self.allow_files + self.egress_allow_files
+                 + self.egress_deny_files)
+        if "-" not in files or self.stdin_text is not None:
             return self
-        return FilterSources(
-            self.ignore_flags, self.allow_flags, self.ignore_files, self.allow_files,
-            sys.stdin.read(),
-        )
+        return dataclasses.replace(self, stdin_text=sys.stdin.read())
 
     def load(self) -> HostFilter:
         """Compile every pattern; raises PatternError naming the first bad one."""
@@ -512,6 +622,15 @@ class FilterSources:
         return HostFilter(
             allow=gather(self.allow_flags, "--allow-hosts", self.allow_files),
             ignore=gather(self.ignore_flags, "--ignore-hosts", self.ignore_files),
+            egress_allow=gather(self.egress_allow_flags, "--egress-allow",
+                                self.egress_allow_files),
+            egress_deny=gather(self.egress_deny_flags, "--egress-deny",
+                               self.egress_deny_files),
+            audit=self.egress_audit,
+            egress_allow_source=", ".join(
+                (["--egress-allow"] if self.egress_allow_flags else [])
+                + list(self.egress_allow_files)),
+            egress_deny_given=bool(self.egress_deny_flags or self.egress_deny_files),
         )
 
 

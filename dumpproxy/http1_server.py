@@ -22,7 +22,7 @@ from dumpproxy.addresses import DEFAULT_PORTS, BadHost, check_host, join_host_po
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow, build_url
 from dumpproxy.hostfilter import candidates
-from dumpproxy.http1 import Exchange, refuse
+from dumpproxy.http1 import Exchange, answer, refuse
 from dumpproxy.http1_wire import MAX_HEAD, Wire, protocol_error_text
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import TLSRequest, Upstream, UpstreamError
@@ -244,18 +244,25 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         check_head(req, items)
     except BadRequest as e:
         return refuse(ctx, h, client, "http", e.status, str(e), record())
+    # egress: judged on the name the client gave, before any connection or DNS lookup
+    egress = ctx.egress(host, port) if pool is not None else None
+    if egress is not None and egress.enforced:
+        fl = record()
+        ctx.decide(host, port, candidates(host, port), None, egress, fl.flow)
+        answer(ctx, h, client, fl, 403, egress.refusal(address))
+        return False
     try:
         if pool is not None:
             up = await pool.get(scheme, host, port)
             recorded = not ctx.decide(host, port, candidates(host, port, ip=up.ip_host),
-                                      sni=None).passthrough
+                                      None, egress).passthrough
         else:
             up = await target.connection(ctx)  # type: ignore[union-attr]
             recorded = True
     except UpstreamError as e:
         # unreachable: decided on what is known without a connection
         fl = record() if pool is None or not ctx.decide(
-            host, port, candidates(host, port), sni=None).passthrough else None
+            host, port, candidates(host, port), None, egress).passthrough else None
         return refuse(ctx, h, client, e.stage, e.status, e.message,  # type: ignore[arg-type]
                       fl, address)
     if recorded:

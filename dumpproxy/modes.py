@@ -167,8 +167,9 @@ class SocksAnswer:
     def __init__(self, client: Stream):
         self.client = client
 
-    def connected(self, up: Upstream) -> bool:
-        bound = up.sock.transport.get_extra_info("sockname") if up.sock.transport else None
+    def connected(self, up: Upstream | None) -> bool:
+        bound = up.sock.transport.get_extra_info("sockname") \
+            if up is not None and up.sock.transport else None
         try:
             self.client.write(socks5.reply(socks5.SUCCEEDED, *(bound[:2] if bound else ())))
         except ConnectionError:
@@ -179,6 +180,9 @@ class SocksAnswer:
         _write(self.client, socks5.reply(_REPLY_FOR.get(err.kind or "",
                                                         socks5.GENERAL_FAILURE)))
         return False
+
+    def blocked(self, why: str) -> None:
+        _write(self.client, socks5.reply(socks5.NOT_ALLOWED))
 
 
 _REPLY_FOR = {

@@ -86,7 +86,8 @@ class Proxy:
         if self.cfg.verbosity > 0:
             print(
                 f"dumpproxy: reloaded patterns ({len(services.filter.allow)} allow, "
-                f"{len(services.filter.ignore)} ignore)",
+                f"{len(services.filter.ignore)} ignore, {len(services.filter.egress_allow)} "
+                f"egress allow, {len(services.filter.egress_deny)} egress deny)",
                 file=sys.stderr,
             )
 
@@ -222,9 +223,13 @@ class Proxy:
         services = self.services
         services.pool.close_all("shutdown")
         stats = services.stats
-        services.emit("shutdown", Shutdown(
+        fields = Shutdown(
             reason=reason, connections=stats.connections, requests=stats.requests,
             passthrough=stats.passthrough, errors=stats.errors,
-            uptime_s=round(time.monotonic() - self.started, 3)))
+            uptime_s=round(time.monotonic() - self.started, 3))
+        if services.filter.egress_on:
+            fields["blocked"] = stats.blocked
+            fields["would_block"] = stats.would_block
+        services.emit("shutdown", fields)
         services.events.close()  # `shutdown` is the last line
         services.certs.close()

@@ -15,6 +15,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 from dumpproxy.addresses import join_host_port, strip_brackets
@@ -28,6 +29,7 @@ from dumpproxy.isolate import start as start_isolation
 from dumpproxy.proxy import ListenError, Proxy
 from dumpproxy.schema import Error
 from dumpproxy.status import (
+    EXIT_BLOCKED,
     EXIT_CANNOT_EXECUTE,
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -360,7 +362,11 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         stopper.cancel()
         why = reason[0] if reason else REASON_COMMAND_EXITED
         await proxy.stop(why, grace(why))
-        return status(_status(code))
+        code = _status(code)
+        blocked = proxy.services.blocked
+        for line in blocked_lines(blocked):
+            print(line, file=sys.stderr)
+        return status(EXIT_BLOCKED if blocked and code == EXIT_OK else code)
     finally:
         os.unlink(bundle)
         if wgetrc is not None:
@@ -368,6 +374,16 @@ async def run(cfg: Config, hf: HostFilter, ca: CA, fd: int, command: list[str] |
         runtimes.close()
         if isolation is not None:
             isolation.close()
+
+
+def blocked_lines(blocked: dict[str, list]) -> list[str]:
+    """Wrap mode's summary: one line per destination the egress policy blocked."""
+    out = []
+    for address, (count, first, why) in sorted(blocked.items()):
+        when = time.strftime("%H:%M:%S", time.gmtime(first))
+        times = "once" if count == 1 else f"{count} times"
+        out.append(f"dumpproxy: blocked {address} ({times}, first at {when} UTC): {why}")
+    return out
 
 
 def _forward_signal(child: asyncio.subprocess.Process, sig: int) -> None:

@@ -99,19 +99,33 @@ class ServerDisconnect(TypedDict):
     how: Annotated[Ended, "how it ended (who closed it, and how)"]
 
 
-class Decision(TypedDict):
-    """A tunnel or plain-HTTP request was decided: intercept or pass through. A line of
-    `--check` is a decision with no connection (no conn, client)."""
-
+class _DecisionHead(TypedDict):
     address: Address
-    action: Literal["intercept", "passthrough"]
-    reason: Annotated[Literal["allow_hosts", "ignore_hosts", "default", "timeout"],
-                      "timeout: a pattern took too long; passed through"]
+    action: Annotated[Literal["intercept", "passthrough", "block"],
+                      "block: the egress lists keep the destination out (SPEC 9.4)"]
+    reason: Annotated[Literal["allow_hosts", "ignore_hosts", "default", "timeout",
+                              "egress_allow", "egress_deny"],
+                      "timeout: a pattern took too long; passed through (an egress "
+                      "pattern: blocked)"]
     pattern: Annotated[str | None, "the pattern that decided it"]
-    source: Annotated[str | None, "FILE:LINE or the flag that gave the pattern"]
+    source: Annotated[str | None, "FILE:LINE or the flag that gave the pattern (a block "
+                                  "by no egress allow pattern: the allow list's files)"]
     matched: Annotated[str | None, "the candidate the pattern matched"]
     candidates: Annotated[list[str], "candidate strings, in the order they were tried"]
     sni: str | None
+
+
+class Decision(_DecisionHead, total=False):
+    """A tunnel or plain-HTTP request was decided: block, intercept or pass through. A
+    line of `--check` is a decision with no connection (no conn, client). The egress
+    fields are there only with egress lists."""
+
+    flow: Annotated[int, "a blocked plain-HTTP request: its exchange"]
+    egress_reason: Annotated[Literal["egress_allow", "egress_deny", "default", "timeout"],
+                             "the egress verdict on a destination not blocked"]
+    egress_pattern: Annotated[str | None, "the egress pattern that let it out"]
+    egress_source: Annotated[str | None, "that pattern's FILE:LINE or flag"]
+    would_block: Annotated[Literal[True], "--egress-audit: it would have been blocked"]
 
 
 class _TlsHead(TypedDict):
@@ -192,15 +206,20 @@ class Error(_ErrorHead, total=False):
     address: Address
 
 
-class Shutdown(TypedDict):
-    """Last line."""
-
+class _ShutdownHead(TypedDict):
     reason: Annotated[str, "SIGINT, SIGTERM, output closed, command exited, cannot run CMD"]
     connections: int
     requests: int
     passthrough: int
     errors: int
     uptime_s: float
+
+
+class Shutdown(_ShutdownHead, total=False):
+    """Last line. The egress counts are there only with egress lists."""
+
+    blocked: Annotated[int, "decisions `block`"]
+    would_block: Annotated[int, "--egress-audit: decisions that would have blocked"]
 
 
 # event name -> (its fields, tied to a client connection: True, False or None = optional)

@@ -8,14 +8,15 @@ import signal
 EXIT_OK = 0  # stopped by SIGINT/SIGTERM, the event reader went away, or a print-and-exit
 EXIT_RUNTIME = 1  # a runtime failure: port in use, CA unwritable, output unwritable
 EXIT_USAGE = 2  # a user mistake in the options
+EXIT_BLOCKED = 3  # wrap mode: the egress policy blocked something and CMD exited 0
 EXIT_CANNOT_EXECUTE = 126  # wrap mode: CMD found but could not be run
 EXIT_NOT_FOUND = 127  # wrap mode: CMD not found
 EXIT_SIGNAL_BASE = 128  # wrap mode: CMD killed by signal N gives 128+N
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT  # 130: a second SIGINT during shutdown
 EXIT_TERMINATED = EXIT_SIGNAL_BASE + signal.SIGTERM  # 143: a second SIGTERM during shutdown
 
-EXIT_STATUSES = (EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
-                 EXIT_INTERRUPTED, EXIT_TERMINATED)
+EXIT_STATUSES = (EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_BLOCKED, EXIT_CANNOT_EXECUTE,
+                 EXIT_NOT_FOUND, EXIT_INTERRUPTED, EXIT_TERMINATED)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RELOAD_SIGNAL = signal.SIGHUP

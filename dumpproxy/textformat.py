@@ -37,6 +37,10 @@ def format_text(ev: dict) -> str | None:
     if kind == "decision":
         # the pattern as written (not repr: that would double every backslash)
         why = ev["reason"] if ev["pattern"] is None else f"{ev['reason']} '{ev['pattern']}'"
+        if ev["action"] == "block" and ev["source"]:
+            why += f" {ev['source']}"
+        elif ev.get("would_block"):
+            why += f"; would block: {ev['egress_reason']}"
         return f"{who}{ev['action']} {ev['address']} ({why})\n"
     if kind == "tls":
         return None  # mitmdump prints successful handshakes only in verbose mode
@@ -57,7 +61,9 @@ def format_text(ev: dict) -> str | None:
         return (
             f"shutdown ({ev['reason']}): {ev['connections']} connections, "
             f"{ev['requests']} requests, {ev['passthrough']} passed through, "
-            f"{ev['errors']} errors\n"
+            f"{ev['errors']} errors"
+            + (f", {ev['blocked']} blocked, {ev['would_block']} would block"
+               if "blocked" in ev else "") + "\n"
         )
     return None
 

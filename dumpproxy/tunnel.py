@@ -10,6 +10,7 @@ for the tunnel's whole life and released at its end.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,7 +19,7 @@ from dumpproxy.addresses import check_host, is_ip, join_host_port, split_host_po
 from dumpproxy.clienthello import Peek
 from dumpproxy.clienttls import H2_ALPN, HTTP1_ALPN, SUPPORTED_ALPN, ClientTLS, usable_sni
 from dumpproxy.context import Context
-from dumpproxy.hostfilter import candidates
+from dumpproxy.hostfilter import Egress, candidates
 from dumpproxy.http1_server import Target, serve_http1
 from dumpproxy.peek import peek_client, peek_first_bytes
 from dumpproxy.relay import Relay, RelayIdle
@@ -37,6 +38,10 @@ class Answer(Protocol):
     async def failed(self, err: UpstreamError, dest: Destination) -> bool:
         """It could not be made; True when the answer recorded the error itself (with the
         flow of the request it answered), else the shared path writes it."""
+        ...
+
+    def blocked(self, why: str) -> None:
+        """The egress lists keep the destination out (why: the 403's text)."""
         ...
 
 
@@ -59,6 +64,7 @@ class Destination:
     host_header: bool = True
     lazy: bool = False  # the client's answer needs no upstream connection (CONNECT's 200,
     # reverse mode): with an idle pooled connection to it, connecting may wait
+    judged: bool = True  # False: an egress verdict waits for the client's first bytes
 
     @property
     def address(self) -> str:
@@ -74,17 +80,33 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
 
     A lazy destination (a CONNECT) to which the pool holds an idle TLS connection is
     answered at once, and connected only once the client's first bytes say how: an
-    intercepted TLS client takes the pooled connection made for its server name, if any."""
+    intercepted TLS client takes the pooled connection made for its server name, if any.
+
+    With egress lists a destination named by the client is judged first, and a blocked one
+    never connected; one known by its address only is lazy too, its verdict waiting for
+    the names in the client's first bytes (SNI, Host)."""
+    verdict = None
+    if ctx.services.filter.egress_on:
+        if is_ip(dest.host):
+            dest = dataclasses.replace(dest, lazy=True, judged=False)
+        else:
+            verdict = ctx.egress(dest.host, dest.port)
+            if verdict is not None and verdict.enforced:
+                ctx.decide(dest.host, dest.port, candidates(dest.host, dest.port), None,
+                           verdict)
+                if dest.answer is not None:
+                    dest.answer.blocked(verdict.refusal(dest.address))
+                return
     pooled = ctx.pooled_address(dest.host, dest.port) if dest.lazy else None
     up = None
-    if pooled is None:
+    if pooled is None and dest.judged:
         try:  # a fresh connection: what the client will send on it is not known yet
             up = await ctx.open_upstream(dest.host, dest.port, reuse=False)
         except UpstreamError as e:
             if dest.answer is None or not await dest.answer.failed(e, dest):
                 ctx.error(e.stage, e.message, address=dest.address)  # type: ignore[arg-type]
             return
-    tunnel = Tunnel(ctx, client, up, dest, pooled)
+    tunnel = Tunnel(ctx, client, up, dest, pooled, verdict)
     try:
         if dest.answer is None or dest.answer.connected(up):
             await tunnel.run()
@@ -106,6 +128,9 @@ class HttpAnswer:
     def connected(self, up: Upstream | None) -> bool:
         return True
 
+    def blocked(self, why: str) -> None:
+        pass  # a close
+
     async def failed(self, err: UpstreamError, dest: Destination) -> bool:
         _, peek = await peek_client(self.client, self.ctx.cfg.peek_timeout)
         if peek.kind != "http":
@@ -122,7 +147,7 @@ class Tunnel:
     or (lazy) made once the client's first bytes say which one (see `serve`)."""
 
     def __init__(self, ctx: Context, client: Stream, up: Upstream | None, dest: Destination,
-                 pooled: str | None = None):
+                 pooled: str | None = None, egress: Egress | None = None):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.client = client
@@ -131,6 +156,7 @@ class Tunnel:
         # the resolved peer, a decision candidate: the connection's, or the pooled one's
         self.ip_host = up.ip_host if up is not None else pooled
         self.opened = time.monotonic()
+        self.egress = egress  # the verdict judged on the destination's name, if any
 
     async def _peek(self) -> tuple[bytes, Peek]:
         # No longer than the head timeout: a silent client is cut by then anyway.
@@ -160,7 +186,9 @@ class Tunnel:
         data, peek = await self._peek()
         decision = ctx.decide(dest.host, dest.port, candidates(
             dest.host, dest.port, ip=self.ip_host, sni=peek.sni,
-            host_header=peek.host if dest.host_header else None), peek.sni)
+            host_header=peek.host if dest.host_header else None), peek.sni, self.egress)
+        if decision.action == "block":  # known by address, its names not allowed: closed
+            return
         if not data:  # a silent client (or a server-first protocol): the head timeout holds
             left = self.cfg.head_timeout - (time.monotonic() - self.opened)
             await self.relay(first_timeout=max(left, 0.001))
