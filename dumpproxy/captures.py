@@ -63,6 +63,11 @@ class Input:
             raise NotACapture(f"{self.name}: not a dumpproxy capture: none of its "
                               f"{self._lines} lines is an event ({self._what()})")
 
+    @property
+    def empty(self) -> bool:
+        """No event at all (after `start`): an empty file."""
+        return self._first is None
+
     def events(self) -> Iterator[dict]:
         """The events, from the first (`start` first); held warnings shown in order."""
         held, self._held = self._held or [], None

@@ -33,7 +33,8 @@ dumpproxy [OPTIONS]                        run the proxy; events to stdout
        dumpproxy [--ca-dir DIR] --print-ca        print the CA certificate
        dumpproxy --completions bash|zsh|fish      print a shell completion script
        dumpproxy --schema                         print the JSON Schema of the events
-       dumpproxy har [FILE...]                    convert event streams to HAR 1.2"""
+       dumpproxy har [FILE...]                    convert event streams to HAR 1.2
+       dumpproxy egress FILE...                   propose an egress allow file"""
 
 DESCRIPTION = """\
 Intercepting HTTP(S) proxy that writes one JSON object per line for every event
@@ -330,7 +331,7 @@ def event_loop_runner():
     return asyncio.run
 
 
-SUBCOMMANDS = ("har",)  # `dumpproxy NAME ...`, dispatched by main() before the options
+SUBCOMMANDS = ("har", "egress")  # `dumpproxy NAME ...`, dispatched by main() before the options
 
 
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
@@ -366,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         from dumpproxy.har import main as har_main
 
         return har_main(argv[1:])
+    if argv[:1] == ["egress"]:
+        from dumpproxy.egress import main as egress_main
+
+        return egress_main(argv[1:])
     try:
         choose_parser(os.environ.get(PARSER_ENV))
     except ValueError as e:

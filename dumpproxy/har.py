@@ -203,6 +203,13 @@ class HarConverter:
                 self.explained[key] = (message, ev)
             elif not isinstance(flow, int):
                 self.conns.setdefault(ckey, _Conn()).error = message
+        elif kind == "decision" and isinstance(ev.get("flow"), int):
+            key = (self.run, conn, ev["flow"])  # type: ignore[assignment]
+            if key in self.open:  # a blocked request: the policy explains its 403
+                pattern, source = ev.get("pattern"), ev.get("source")
+                message = f"{ev.get('action')}: {ev.get('reason')}" + (
+                    f" {pattern!r}" if pattern else "") + (f" ({source})" if source else "")
+                self.explained[key] = (message, ev)
         elif kind == "server_connect":
             c = self.conns.setdefault(ckey, _Conn())
             c.servers[str(ev.get("address"))] = ev
