@@ -15,6 +15,11 @@ _dumpproxy_options='
     --allow-hosts
     --ignore-hosts-file
     --allow-hosts-file
+    --egress-allow
+    --egress-allow-file
+    --egress-deny
+    --egress-deny-file
+    --egress-audit
     --check
     --pattern-for
     --peek-timeout
@@ -70,9 +75,11 @@ _dumpproxy()
         fi
     fi
 
-    # `dumpproxy har [FILE...]`: event files.
-    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har ]]; then
-        if [[ $cur == -* ]]; then
+    # `dumpproxy har [FILE...]`, `dumpproxy egress FILE...`: event files.
+    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har || ${COMP_WORDS[1]} == egress ]]; then
+        if [[ $cur == -* && ${COMP_WORDS[1]} == egress ]]; then
+            COMPREPLY=($(compgen -W '--fold-subdomains -h --help' -- "$cur"))
+        elif [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W '-h --help' -- "$cur"))
         elif declare -F _filedir >/dev/null 2>&1; then
             _filedir
@@ -101,7 +108,8 @@ _dumpproxy()
     done
 
     case $prev in
-        --ignore-hosts-file | --allow-hosts-file | --upstream-ca | -o | --output)
+        --ignore-hosts-file | --allow-hosts-file | --egress-allow-file | --egress-deny-file | \
+            --upstream-ca | -o | --output)
             if declare -F _filedir >/dev/null 2>&1; then
                 _filedir
             else
@@ -146,7 +154,8 @@ _dumpproxy()
             fi
             return
             ;;
-        -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
+        -p | --listen-port | --ignore-hosts | --allow-hosts | --egress-allow | --egress-deny | \
+            --check | --pattern-for | \
             --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
             --idle-timeout | --pool-idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth)
             # A free-form value: nothing sensible to offer.
@@ -161,7 +170,7 @@ _dumpproxy()
     fi
     # the subcommand, as the first word
     if ((COMP_CWORD == 1)) && [[ $cur != -* ]]; then
-        COMPREPLY+=($(compgen -W 'har' -- "$cur"))
+        COMPREPLY+=($(compgen -W 'har egress' -- "$cur"))
     fi
 } &&
     complete -F _dumpproxy dumpproxy

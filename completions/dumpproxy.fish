@@ -25,12 +25,22 @@ function __fish_dumpproxy_har
     test (count $tokens) -ge 2; and test "$tokens[2]" = har
 end
 
+# True after "dumpproxy egress" (dumpproxy egress FILE...).
+function __fish_dumpproxy_egress
+    set -l tokens (commandline -opc)
+    test (count $tokens) -ge 2; and test "$tokens[2]" = egress
+end
+
 complete -c dumpproxy -f
 complete -c dumpproxy -n __fish_dumpproxy_wrapping -xa '(__fish_dumpproxy_wrapped)'
 complete -c dumpproxy -n 'test (count (commandline -opc)) -eq 1' -a har -d 'Convert event streams to one HAR 1.2 document'
 complete -c dumpproxy -n __fish_dumpproxy_har -F
+complete -c dumpproxy -n 'test (count (commandline -opc)) -eq 1' -a egress -d 'Propose an egress allow file from captures'
+complete -c dumpproxy -n __fish_dumpproxy_egress -F
+# egress's own option, offered as a word (the -l options below are the proxy's)
+complete -c dumpproxy -n '__fish_dumpproxy_egress; and string match -q -- "-*" (commandline -ct)' -a '--fold-subdomains' -d 'One pattern per registrable domain (Public Suffix List)'
 
-set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har'
+set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har; and not __fish_dumpproxy_egress'
 
 complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
@@ -44,6 +54,11 @@ complete -c dumpproxy $opts -l ignore-hosts -x -d 'Pass matching destinations th
 complete -c dumpproxy $opts -l allow-hosts -x -d 'Intercept only matching destinations (regex, repeatable)'
 complete -c dumpproxy $opts -l ignore-hosts-file -r -F -d 'Read ignore patterns from FILE (- for stdin)'
 complete -c dumpproxy $opts -l allow-hosts-file -r -F -d 'Read allow patterns from FILE (- for stdin)'
+complete -c dumpproxy $opts -l egress-allow -x -d 'Block every destination matching no egress allow pattern (regex, repeatable)'
+complete -c dumpproxy $opts -l egress-allow-file -r -F -d 'Read egress allow patterns from FILE (- for stdin)'
+complete -c dumpproxy $opts -l egress-deny -x -d 'Block matching destinations (regex, repeatable)'
+complete -c dumpproxy $opts -l egress-deny-file -r -F -d 'Read egress deny patterns from FILE (- for stdin)'
+complete -c dumpproxy $opts -l egress-audit -d 'Block nothing; decisions that would block say so'
 complete -c dumpproxy $opts -l check -x -d 'Print the decision for each HOST:PORT and exit'
 complete -c dumpproxy $opts -l pattern-for -x -d 'Print the exact-match pattern for HOST:PORT and exit'
 complete -c dumpproxy $opts -l peek-timeout -x -d 'Seconds to wait for a tunnel client\'s first bytes (default 10)'

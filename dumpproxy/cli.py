@@ -34,7 +34,7 @@ dumpproxy [OPTIONS]                        run the proxy; events to stdout
        dumpproxy --completions bash|zsh|fish      print a shell completion script
        dumpproxy --schema                         print the JSON Schema of the events
        dumpproxy har [FILE...]                    convert event streams to HAR 1.2
-       dumpproxy egress FILE...                   propose an egress allow file"""
+       dumpproxy egress [--fold-subdomains] FILE...  propose an egress allow file"""
 
 DESCRIPTION = """\
 Intercepting HTTP(S) proxy that writes one JSON object per line for every event
@@ -45,7 +45,9 @@ With `-- CMD [ARG...]` (wrap mode) it runs CMD through the proxy on a free port,
 with proxy and CA variables set, and exits with CMD's status.
 
 `dumpproxy har [FILE...]` converts event streams to one HAR 1.2 document
-(see `dumpproxy har --help`). SIGHUP reloads the pattern files and reopens -o FILE."""
+(see `dumpproxy har --help`); `dumpproxy egress FILE...` proposes an egress allow
+file from captures (--egress-allow-file). SIGHUP reloads the pattern files and
+reopens -o FILE."""
 
 EPILOG = """\
 examples:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import parse_events, run_cli
+from examples import clean_env, example, make_bin_dir, run_bash, run_in_sandbox
 
 from dumpproxy.egress import Seen, destination, fold_pattern, propose
 from dumpproxy.hostfilter import FilterSources, compile_pattern
@@ -276,3 +277,71 @@ def test_egress_subcommand_refuses_a_har_file(tmp_path: Path):
     r = run_cli("egress", str(har))
     assert r.returncode == 2
     assert "not a dumpproxy capture" in r.stderr.decode() and r.stdout == b""
+
+
+# --------------------------------------------------------------------------- man page examples
+
+
+def test_example_egress_file(tmp_path: Path):
+    """The allow file as the man page shows it: its patterns, their lines."""
+    f = tmp_path / "egress.txt"
+    f.write_text(example("egress-file").text)
+    r = run_cli("--egress-allow-file", str(f), "--check", "pypi.org:443",
+                "files.pythonhosted.org:443", "api.github.com:443", "github.com:443",
+                "github.com.evil.test:443", "pypi.org:80")
+    rows = parse_events(r.stdout)
+    assert [(d["action"], d.get("egress_source") or d["source"]) for d in rows] == [
+        ("intercept", f"{f}:2"), ("intercept", f"{f}:3"), ("intercept", f"{f}:4"),
+        ("intercept", f"{f}:4"), ("block", str(f)), ("block", str(f))]
+
+
+def test_example_egress_lists(tmp_path: Path):
+    bin_dir = make_bin_dir(tmp_path / "bin")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "egress.txt").write_text(example("egress-file").text)
+    text = example("egress-lists").text
+    (work / "example.sh").write_text(text)
+    r = run_bash(["-eu", "-o", "pipefail", "example.sh"], cwd=work,
+                 env=clean_env(tmp_path, bin_dir))
+    assert r.returncode == 0, r.stderr
+    expected = [line[2:].split() for line in text.splitlines() if line.startswith("# ")]
+    assert [line.split("\t") for line in r.stdout.splitlines()] == expected
+
+
+def test_example_egress_workflow(tmp_path, pki):
+    job = ("#!/bin/sh\nset -e\ncurl -sS -o /dev/null https://example.com/\n"
+           "curl -sS -o /dev/null http://example.org/\n")
+    r, work = run_in_sandbox(tmp_path, pki, 'bash -eu -o pipefail "$WORK/example.sh"',
+                             files={"example.sh": example("egress-workflow").text,
+                                    "ci-job": job})
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert r.stdout == ""  # the audit found nothing that would be blocked
+    allow = (work / "egress.txt").read_text().splitlines()
+    assert [x for x in allow if not x.startswith("#")] == [
+        r"^example\.com:443$", r"^example\.org:80$"]
+    enforced = parse_events((work / "enforced.jsonl").read_text())
+    decisions = [(d["address"], d["action"], d["egress_source"]) for d in enforced
+                 if d["event"] == "decision"]
+    assert decisions == [("example.com:443", "intercept", "egress.txt:4"),
+                         ("example.org:80", "intercept", "egress.txt:6")]
+    assert [e["status"] for e in enforced if e["event"] == "response"] == [200, 200]
+    assert enforced[-1]["blocked"] == 0
+
+
+# --------------------------------------------------------------------------- completions
+
+
+@pytest.mark.parametrize("shell", ["bash", "bash-without-bash-completion", "zsh", "fish"])
+def test_completions_offer_the_egress_subcommand_and_its_option(shell, tmp_path):
+    from test_cli_docs import CHECKOUT, complete, names
+
+    assert "egress" in names(complete(CHECKOUT, shell, "dumpproxy eg", tmp_path))
+    got = names(complete(CHECKOUT, shell, "dumpproxy egress --fo", tmp_path))
+    assert "--fold-subdomains" in got, got
+    (tmp_path / "run.jsonl").write_text("")
+    got = names(complete(CHECKOUT, shell, f"dumpproxy egress {tmp_path}/ru", tmp_path))
+    assert "run.jsonl" in got, got
+    got = names(complete(CHECKOUT, shell, "dumpproxy --egress-", tmp_path))
+    assert {"--egress-allow", "--egress-allow-file", "--egress-deny", "--egress-deny-file",
+            "--egress-audit"} <= got, got
