@@ -16,8 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, curl, parse_events, run_cli
+from conftest import ROOT, Origin, curl, parse_events, run_cli
 from test_decisions import replace_atomically
+from test_modes_transparent import as_client, netns, public_dir, readable, redirect
+
+__all__ = ["netns", "public_dir"]  # fixtures shared with the transparent-mode tests
 
 HOSTS = {"allowed.test": "127.0.0.1", "blocked.test": "127.0.0.1"}
 
@@ -206,3 +209,146 @@ def test_wrap_mode_exits_3_naming_each_blocked_destination(home, origin, tmp_pat
              script=f"curl -sS -o /dev/null http://127.0.0.1:{port}/small")
     assert r.returncode == 0, r.stderr
     assert b"blocked" not in r.stderr
+
+
+# --------------------------------------------------------------------------- no DNS, no connection
+
+
+class LoggingResolver:
+    """A DNS server on 127.0.0.1:53 (of the namespace it is made in) that logs every query:
+    the names in `answers` get their A record, every other name NXDOMAIN."""
+
+    def __init__(self, answers: dict[str, str]):
+        import socket
+        import threading
+
+        self.answers = answers
+        self.queries: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 53))
+        self.sock.settimeout(0.2)
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        while self.running:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            question = query.question[0]
+            name = question.name.to_text().rstrip(".").lower()
+            self.queries.append(name)
+            reply = dns.message.make_response(query)
+            if name not in self.answers:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+            elif question.rdtype == dns.rdatatype.A:
+                reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A",
+                                                        self.answers[name]))
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_blocked_names_cause_no_dns_query_and_no_connection(netns, dumpproxy, tmp_path):
+    with netns.inside():
+        origin = Origin()
+        resolver = LoggingResolver({"allowed.test": "127.0.0.1"})
+        try:
+            port = origin.port
+            # hosts={}: dumpproxy's own /etc/hosts (localhost only) and a resolv.conf that
+            # points at 127.0.0.1, here the logging resolver of this namespace
+            p = dumpproxy("--mode", "regular", "--mode", "socks5@0",
+                          "--egress-allow", rf"^allowed\.test:{port}$", hosts={})
+            http_port, socks_port = (int(e["address"].rsplit(":", 1)[1])
+                                     for e in p.wait_for(lambda e: e["event"] == "listening",
+                                                         count=2) and p.of("listening"))
+            proxy = f"http://127.0.0.1:{http_port}"
+            socks = f"127.0.0.1:{socks_port}"
+            # the logger works: an allowed name, in no hosts file, is looked up through it
+            r = curl("-x", proxy, f"http://allowed.test:{port}/small")
+            assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+            assert "allowed.test" in resolver.queries, resolver.queries
+            r = curl("--socks5-hostname", socks, f"http://allowed.test:{port}/small")
+            assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+            # blocked names, each way in: the documented answer, no query, no connection
+            r = curl("--socks5-hostname", socks, f"http://socks-blocked.test:{port}/small")
+            assert r.returncode == 97, r.stderr
+            r = curl("-x", proxy, f"https://connect-blocked.test:{port}/small")
+            assert r.returncode == 56 and b"403" in r.stderr, r.stderr
+            r = curl("-x", proxy, "-o", "/dev/null", "-w", "%{http_code}",
+                     f"http://plain-blocked.test:{port}/small")
+            assert r.stdout == b"403", r.stderr
+            blocks = p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block",
+                                count=3) and p.of("decision", action="block")
+            assert sorted(d["address"].split(":")[0] for d in blocks) == [
+                "connect-blocked.test", "plain-blocked.test", "socks-blocked.test"]
+            assert not [q for q in resolver.queries if "blocked" in q], resolver.queries
+            assert {e["address"] for e in p.of("server_connect")} == {f"allowed.test:{port}"}
+            assert len(origin.requests) == 2
+        finally:
+            resolver.close()
+            origin.close()
+
+
+def test_transparent_blocked_destinations_never_accept(netns, dumpproxy, pki, public_dir):
+    import socket
+
+    with netns.inside():
+        allowed = Origin(pki.server_context(["allowed.test"]))
+        listeners = []
+        for _ in range(2):  # blocked destinations: listening, never accepting
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(8)
+            listeners.append(s)
+        plain_port, tls_port = (s.getsockname()[1] for s in listeners)
+        try:
+            p = dumpproxy("--mode", "transparent@127.0.0.1:0", "--upstream-ca",
+                          str(pki.ca_path), "--egress-allow", r"^allowed\.test:")
+            redirect([allowed.port, plain_port, tls_port], p.port)
+            ca = readable(p.events[0]["ca_cert"], public_dir, "dumpproxy-ca.pem")
+            # allowed by its SNI, though transparent mode knows only the address
+            r = as_client("--cacert", ca, "--resolve", f"allowed.test:{allowed.port}:127.0.0.1",
+                          f"https://allowed.test:{allowed.port}/small")
+            assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+            d = p.wait_for(lambda e: e["event"] == "decision")
+            assert (d["action"], d["egress_pattern"], d["sni"]) == (
+                "intercept", r"^allowed\.test:", "allowed.test")
+            # blocked: plain HTTP (its Host a candidate) and TLS (its SNI): closed
+            r = as_client("-H", "Host: other.test", f"http://127.0.0.1:{plain_port}/")
+            assert r.returncode == 52, r.stderr  # empty reply
+            r = as_client("--cacert", ca, "--resolve", f"cdn.test:{tls_port}:127.0.0.1",
+                          f"https://cdn.test:{tls_port}/")
+            assert r.returncode == 35, r.stderr  # the TLS handshake met a close
+            blocks = p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block",
+                                count=2) and p.of("decision", action="block")
+            assert [d["candidates"] for d in blocks] == [
+                [f"127.0.0.1:{plain_port}", f"other.test:{plain_port}"],
+                [f"127.0.0.1:{tls_port}", f"cdn.test:{tls_port}"]]
+            assert [e["address"] for e in p.of("server_connect")] == [
+                f"127.0.0.1:{allowed.port}"]
+            for s in listeners:  # nothing ever reached them: their accept queues are empty
+                s.setblocking(False)
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    continue
+                conn.close()
+                raise AssertionError(f"{s.getsockname()} was connected to")
+        finally:
+            allowed.close()
+            for s in listeners:
+                s.close()
