@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, Origin, curl, parse_events, run_cli
+from conftest import ROOT, Origin, curl, isolated_resolver, parse_events, run_cli
+from test_clients import nginx
 from test_decisions import replace_atomically
 from test_modes_transparent import as_client, netns, public_dir, readable, redirect
 
-__all__ = ["netns", "public_dir"]  # fixtures shared with the transparent-mode tests
+__all__ = ["netns", "public_dir", "nginx"]  # fixtures shared with other test modules
 
 HOSTS = {"allowed.test": "127.0.0.1", "blocked.test": "127.0.0.1"}
 
@@ -352,3 +353,97 @@ def test_transparent_blocked_destinations_never_accept(netns, dumpproxy, pki, pu
             allowed.close()
             for s in listeners:
                 s.close()
+
+
+# --------------------------------------------------------------------------- pip
+
+
+def build_wheel(work: Path, name: str) -> Path:
+    """A one-module wheel, built here by pip (offline, setuptools from this environment)."""
+    module = name.replace("-", "_")
+    src = work / f"src-{name}"
+    src.mkdir(parents=True)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=64"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "1.0"\n'
+        f'[tool.setuptools]\npy-modules = ["{module}"]\n')
+    (src / f"{module}.py").write_text("VALUE = 42\n")
+    out = work / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
+                       capture_output=True, text=True, timeout=300, cwd=work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = out.glob(f"{module}-1.0-*.whl")
+    return wheel
+
+
+def pep503_index(www: Path, wheel: Path, project: str) -> None:
+    """/simple/PROJECT/ listing the wheel under /files/ (PEP 503), on every nginx name."""
+    files = www / "files"
+    files.mkdir(exist_ok=True)
+    (files / wheel.name).write_bytes(wheel.read_bytes())
+    page = www / "simple" / project
+    page.mkdir(parents=True, exist_ok=True)
+    (page / "index.html").write_text(
+        f'<!DOCTYPE html><html><body><a href="/files/{wheel.name}">{wheel.name}</a>'
+        "</body></html>\n")
+
+
+def pip_wrapped(home: Path, pki, work: Path, nginx, *dumpproxy_args: str,
+                target: str) -> subprocess.CompletedProcess:
+    """pip install from the main index (app.test) with an extra index (cdn.test), in wrap
+    mode; only dumpproxy resolves the names (its private hosts file)."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(DUMPPROXY_HOME=str(home), PIP_CONFIG_FILE=os.devnull, PIP_NO_CACHE_DIR="1",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    cmd = [sys.executable, "-m", "dumpproxy", "--upstream-ca", str(pki.ca_path),
+           *dumpproxy_args, "--", sys.executable, "-m", "pip", "install", "-vv", "--no-deps",
+           "--target", str(work / target), "--retries", "0", "--timeout", "20",
+           "--index-url", f"https://app.test:{nginx.port}/simple/",
+           "--extra-index-url", f"https://cdn.test:{nginx.port}/simple/", "egress-demo"]
+    cmd = isolated_resolver(cmd, {"app.test": "127.0.0.1", "cdn.test": "127.0.0.1"}, work)
+    return subprocess.run(cmd, capture_output=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_pip_with_the_allow_file_made_from_a_recorded_run(home, pki, nginx, tmp_path):
+    work = tmp_path / "pip"
+    work.mkdir()
+    pep503_index(nginx.dir / "www", build_wheel(work, "egress-demo"), "egress-demo")
+    # 1. recorded: both index hosts reached
+    run = work / "run.jsonl"
+    r = pip_wrapped(home, pki, work, nginx, "-o", str(run), target="t1")
+    assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()[-3000:]
+    assert (work / "t1" / "egress_demo.py").read_text() == "VALUE = 42\n"
+    # 2. the allow file from the capture: the enforced run passes, nothing blocked
+    r = run_cli("egress", str(run))
+    assert r.returncode == 0, r.stderr
+    patterns = [x for x in r.stdout.decode().splitlines() if not x.startswith("#")]
+    assert patterns == [rf"^app\.test:{nginx.port}$", rf"^cdn\.test:{nginx.port}$"]
+    allow = work / "egress.txt"
+    allow.write_bytes(r.stdout)
+    enforced = work / "enforced.jsonl"
+    r = pip_wrapped(home, pki, work, nginx, "--egress-allow-file", str(allow),
+                    "-o", str(enforced), target="t2")
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    events = parse_events(enforced.read_text())
+    assert events[-1]["blocked"] == 0
+    assert {d["egress_source"] for d in events if d["event"] == "decision"} == {
+        f"{allow}:4", f"{allow}:6"}
+    # 3. the extra index host removed: pip installs from the main index and sees the 403;
+    # dumpproxy exits 3 and names the host
+    lines = allow.read_text().splitlines()
+    allow.write_text("\n".join(x for x in lines if "cdn" not in x) + "\n")
+    r = pip_wrapped(home, pki, work, nginx, "--egress-allow-file", str(allow), target="t3")
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 3, out[-3000:] + err[-3000:]
+    assert (work / "t3" / "egress_demo.py").exists()
+    assert "Tunnel connection failed: 403" in out + err
+    assert f"dumpproxy: blocked cdn.test:{nginx.port} (" in err
+    # 4. the only index host removed: pip fails, and its status is the one kept
+    allow.write_text("# nothing allowed\n")
+    r = pip_wrapped(home, pki, work, nginx, "--egress-allow-file", str(allow), target="t4")
+    err = r.stderr.decode()
+    assert r.returncode == 1, err[-3000:]
+    assert f"dumpproxy: blocked app.test:{nginx.port} (" in err
+    assert not (work / "t4" / "egress_demo.py").exists()
