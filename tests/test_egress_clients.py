@@ -14,10 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from conftest import ROOT, Origin, curl, isolated_resolver, parse_events, run_cli
-from test_clients import nginx
+from test_clients import chromium, nginx, stop_chromium
+from test_clients import start as client_start
 from test_decisions import replace_atomically
 from test_modes_transparent import as_client, netns, public_dir, readable, redirect
 
@@ -447,3 +449,44 @@ def test_pip_with_the_allow_file_made_from_a_recorded_run(home, pki, nginx, tmp_
     assert r.returncode == 1, err[-3000:]
     assert f"dumpproxy: blocked app.test:{nginx.port} (" in err
     assert not (work / "t4" / "egress_demo.py").exists()
+
+
+# --------------------------------------------------------------------------- Chromium
+
+
+def test_chromium_page_loads_its_third_party_asset_host_blocked(dumpproxy, pki, nginx,
+                                                               tmp_path):
+    """The page and its own assets (script, image, WebSocket) load; cdn.test's stylesheet,
+    script and image are refused with a 403 to their CONNECT; the page host's decisions
+    name the allow file's line."""
+    allow = allow_file(tmp_path, rf"^app\.test:{nginx.port}$")
+    p = client_start(dumpproxy, pki, "--egress-allow-file", str(allow))
+    seen = len(nginx.access())
+    run = uuid.uuid4().hex[:12]
+    page = nginx.url(f"/?run={run}&n=1&last=1")
+    proc = chromium(p, pki, tmp_path / "profile", page)
+    try:
+        for url in (nginx.url("/app.js"), nginx.url("/local.svg")):
+            p.wait_for(lambda e, u=url: e["event"] == "response" and e["url"] == u
+                       and e["status"] == 200, timeout=60)
+        p.wait_for(lambda e: e["event"] == "response" and e["url"] == nginx.url("/ws")
+                   and e["status"] == 101, timeout=60)
+        p.wait_for(lambda e: e["event"] == "decision" and e["action"] == "block",
+                   timeout=60)
+    finally:
+        stop_chromium(proc)
+    assert p.stop() == 0
+    page_resp = p.of("response", url=page)
+    assert [e["status"] for e in page_resp] == [200]
+    decisions = p.of("decision")
+    hosts = {d["address"] for d in decisions}
+    assert hosts == {f"app.test:{nginx.port}", f"cdn.test:{nginx.port}"}, hosts
+    for d in decisions:
+        if d["address"].startswith("app.test:"):
+            assert (d["action"], d["egress_source"]) == ("intercept", f"{allow}:2")
+        else:
+            assert (d["action"], d["reason"], d["source"]) == ("block", "egress_allow",
+                                                               str(allow))
+    no_connection(p, "cdn.test")
+    assert not [line for line in nginx.access()[seen:] if line.startswith("cdn.test ")]
+    assert p.of("shutdown")[0]["blocked"] == len(p.of("decision", action="block"))
