@@ -345,3 +345,19 @@ def test_completions_offer_the_egress_subcommand_and_its_option(shell, tmp_path)
     got = names(complete(CHECKOUT, shell, "dumpproxy --egress-", tmp_path))
     assert {"--egress-allow", "--egress-allow-file", "--egress-deny", "--egress-deny-file",
             "--egress-audit"} <= got, got
+
+
+def test_egress_subcommand_option_mistakes(tmp_path: Path):
+    cap = write_capture(tmp_path / "cap.jsonl", [
+        {"ts": 1.0, "event": "decision", "address": "a.test:443", "action": "intercept",
+         "sni": None}])
+    for args, message in ((["--flod-subdomains", str(cap)],
+                           "unrecognized arguments: --flod-subdomains"),
+                          ([], "the following arguments are required: FILE"),
+                          ([str(tmp_path / "missing.jsonl")], "missing.jsonl: No such file"),
+                          (["-", "-"], "standard input ('-') can be read only once")):
+        r = run_cli("egress", *args, stdin=b"")
+        err = r.stderr.decode()
+        assert r.returncode == 2, (args, err)
+        assert message in err and "Traceback" not in err, (args, err)
+        assert r.stdout == b""
