@@ -86,9 +86,11 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
     never connected; one known by its address only is lazy too, its verdict waiting for
     the names in the client's first bytes (SNI, Host)."""
     verdict = None
-    if ctx.services.filter.egress_on:
-        if is_ip(dest.host):
-            dest = dataclasses.replace(dest, lazy=True, judged=False)
+    policy = ctx.services.filter
+    if policy.egress_on:
+        if is_ip(dest.host):  # (audit mode blocks nothing: connected as usual)
+            if not policy.audit:
+                dest = dataclasses.replace(dest, lazy=True, judged=False)
         else:
             verdict = ctx.egress(dest.host, dest.port)
             if verdict is not None and verdict.enforced:

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import ROOT, Origin, curl, isolated_resolver, parse_events, run_cli
+from conftest import ROOT, Origin, curl, isolated_resolver, open_tunnel, parse_events, run_cli
 from test_clients import chromium, nginx, stop_chromium
 from test_clients import start as client_start
 from test_decisions import replace_atomically
@@ -490,3 +490,51 @@ def test_chromium_page_loads_its_third_party_asset_host_blocked(dumpproxy, pki, 
     no_connection(p, "cdn.test")
     assert not [line for line in nginx.access()[seen:] if line.startswith("cdn.test ")]
     assert p.of("shutdown")[0]["blocked"] == len(p.of("decision", action="block"))
+
+
+# --------------------------------------------------------------------------- CONNECT by address
+
+
+def tls_get(sock, ca: str, name: str) -> bytes:
+    """GET /small over TLS in a tunnel, under this server name; b"" when it was closed."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca)
+    try:
+        with ctx.wrap_socket(sock, server_hostname=name) as tls:
+            tls.sendall(f"GET /small HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+                        .encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+def test_connect_by_address_is_judged_on_its_sni(dumpproxy, pki, home):
+    origin = Origin(pki.server_context(["allowed.test", "other.test"]))
+    try:
+        target = f"127.0.0.1:{origin.port}"
+        ca = str(home / "ca-cert.pem")
+        args = ("--upstream-ca", str(pki.ca_path), "--egress-allow", r"^allowed\.test:")
+        p = dumpproxy(*args)
+        # answered 200 at once, nothing connected until the SNI names it
+        assert tls_get(open_tunnel(p.port, target), ca, "allowed.test").endswith(b"hello\n")
+        d = p.wait_for(lambda e: e["event"] == "decision")
+        assert (d["action"], d["egress_pattern"], d["sni"]) == (
+            "intercept", r"^allowed\.test:", "allowed.test")
+        assert tls_get(open_tunnel(p.port, target), ca, "other.test") == b""  # a close
+        d = p.wait_for(lambda e: e["event"] == "decision", count=2)
+        assert (d["action"], d["candidates"]) == (
+            "block", [target, f"other.test:{origin.port}"])
+        assert len(p.of("server_connect")) == 1
+        assert len(origin.requests) == 1
+        # audit mode: connected as usual, the would-be block said
+        a = dumpproxy(*args, "--egress-audit")
+        assert tls_get(open_tunnel(a.port, target), ca, "other.test").endswith(b"hello\n")
+        d = a.wait_for(lambda e: e["event"] == "decision")
+        assert (d["action"], d["would_block"]) == ("intercept", True)
+        assert a.of("server_connect")
+    finally:
+        origin.close()
