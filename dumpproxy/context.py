@@ -137,9 +137,12 @@ class Context:
             fields.update(d.extra_fields())  # type: ignore[typeddict-item]
             self._count_egress(address, d)
         self.emit("decision", fields)
-        if d.reason == "timeout":
-            self.error("decision", f"pattern {d.pattern!r} ({d.source}) took more than "
-                       f"{DECISION_BUDGET * 1000:g} ms to match; passed through untouched: "
+        slow = d.egress if d.egress is not None and d.egress.reason == "timeout" else d
+        if slow.reason == "timeout":
+            outcome = ("passed through untouched" if slow is d else "blocked" if
+                       d.action == "block" else "it would have been blocked")
+            self.error("decision", f"pattern {slow.pattern!r} ({slow.source}) took more than "
+                       f"{DECISION_BUDGET * 1000:g} ms to match; {outcome}: "
                        "rewrite the pattern without nested or adjacent repeats",
                        address=address)
         return d

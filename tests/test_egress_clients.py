@@ -538,3 +538,16 @@ def test_connect_by_address_is_judged_on_its_sni(dumpproxy, pki, home):
         assert a.of("server_connect")
     finally:
         origin.close()
+
+
+def test_a_slow_egress_pattern_blocks_with_an_error_naming_it(dumpproxy, origin):
+    p = dumpproxy("--egress-allow", "(a|aa)+$", hosts={"a" * 40 + "b.test": "127.0.0.1"})
+    r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}",
+             f"http://{'a' * 40}b.test:{origin.port}/small")
+    assert r.stdout == b"403", r.stderr
+    d = p.wait_for(lambda e: e["event"] == "decision")
+    assert (d["action"], d["reason"], d["pattern"]) == ("block", "timeout", "(a|aa)+$")
+    err = p.wait_for(lambda e: e["event"] == "error")
+    assert err["stage"] == "decision" and "'(a|aa)+$' (--egress-allow)" in err["message"]
+    assert "ms to match; blocked: rewrite the pattern" in err["message"]
+    assert not origin.requests
