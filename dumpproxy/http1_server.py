@@ -245,7 +245,8 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
     except BadRequest as e:
         return refuse(ctx, h, client, "http", e.status, str(e), record())
     # egress: judged on the name the client gave, before any connection or DNS lookup
-    egress = ctx.egress(host, port) if pool is not None else None
+    egress = ctx.egress(host, port) if pool is not None and ctx.services.filter.egress_on \
+        else None
     if egress is not None and egress.enforced:
         fl = record()
         ctx.decide(host, port, candidates(host, port), None, egress, fl.flow)
