@@ -77,7 +77,8 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
     intercepted TLS client takes the pooled connection made for its server name, if any."""
     pooled = ctx.pooled_address(dest.host, dest.port) if dest.lazy else None
     up = None
-    if pooled is None:
+    # replay: a connection is made only when a request is forwarded (SPEC §9.3)
+    if pooled is None and not (dest.lazy and ctx.cfg.replay is not None):
         try:  # a fresh connection: what the client will send on it is not known yet
             up = await ctx.open_upstream(dest.host, dest.port, reuse=False)
         except UpstreamError as e:
@@ -218,7 +219,9 @@ class Tunnel:
                 pass  # no usable name: the address it is
         failure = None
         try:
-            await self._connect((dest.host, (HTTP1_ALPN,)) if dest.scheme == "https" else None)
+            if self.up is not None or self.cfg.replay is None:  # else: when forwarded
+                await self._connect((dest.host, (HTTP1_ALPN,)) if dest.scheme == "https"
+                                    else None)
         except UpstreamError as e:  # told to the client's first request
             self._drop_upstream()
             failure = e
@@ -265,6 +268,16 @@ class Tunnel:
         up = await self._connect((name, tuple(p for p in offered if p in SUPPORTED_ALPN)))
         return up.tls.ssl.selected_alpn_protocol() if up.tls is not None else None
 
+    def _replay_alpn(self, name: str, offered: tuple[str, ...]) -> tuple[str, ...] | None:
+        """Under replay, with no connection made: the client's ALPN chosen here (h2 when
+        offered) when the destination is served from the record, or when a miss would
+        not be forwarded anyway; None: settled with the destination as usual."""
+        replay = self.cfg.replay
+        if replay is None or self.up is not None or self.dest.scheme == "http" or (
+                replay.forward and not replay.serves(name, self.dest.port)):
+            return None
+        return tuple(p for p in (H2_ALPN, HTTP1_ALPN) if p in offered)[:1]
+
     async def intercept_tls(self, peek: Peek) -> None:
         ctx, address = self.ctx, self.dest.address
         if not usable_sni(ctx, peek.sni, address):
@@ -276,6 +289,9 @@ class Tunnel:
         async def offer() -> tuple[str, ...]:
             # ALPN is settled upstream first, so that both sides speak the same protocol.
             nonlocal upstream_error
+            local = self._replay_alpn(name, offered)
+            if local is not None:
+                return local
             try:
                 chosen = await self._upstream_tls(name, offered)
             except UpstreamError as e:
@@ -313,11 +329,12 @@ class Tunnel:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
 
             up = self.up
-            assert up is not None
             try:
-                await H2Bridge(self.ctx, ctls, up, scheme, name, self.dest.authority).run()
+                await H2Bridge(self.ctx, ctls, up, scheme, name, self.dest.authority,
+                               (self.dest.host, self.dest.port)).run()
             finally:
-                up.release()
+                if up is not None:
+                    up.release()
             return
         # Reconnects for HTTP/1 clients must not end up speaking h2 upstream.
         await self._http1(ctls, scheme, name,
@@ -331,8 +348,12 @@ class Tunnel:
         dest, up = self.dest, self.up
         self.up = None
         tls = (name, alpn) if up is not None and up.tls else None  # how to reconnect
+        lazy = None
+        if up is None and failure is None:  # replay: connected for a forwarded miss
+            lazy = (dest.host, dest.port)
+            tls = (name, alpn) if scheme == "https" else None
         target = Target(scheme, name, dest.port, None if failure else up, tls,
-                        dest.authority, failure)
+                        dest.authority, failure, lazy=lazy)
         try:
             await serve_http1(self.ctx, client, target)
         finally:
