@@ -105,3 +105,71 @@ def test_curl_and_httpx_replay_over_https_with_the_origin_stopped(dumpproxy, pki
     assert got[1]["response_bytes"] == 256 * 1024
     tls = [e for e in p.of("tls") if e["side"] == "client"]
     assert {e["alpn"] for e in tls} == {"http/1.1", "h2"}
+
+
+# --- misses ---------------------------------------------------------------------------------
+
+
+def test_miss_is_refused_naming_the_closest_recorded_requests(dumpproxy, pki, nginx,
+                                                              tmp_path):
+    cap = tmp_path / "cap.jsonl"
+    p = record(dumpproxy, pki)
+    trust = str(bundle(p, pki, tmp_path))
+    paths = ["/hello.txt", "/app.js", "/style.css", "/local.svg"]
+    for path in paths:
+        assert curl("-x", p.url, "--cacert", trust, nginx.url(path)).returncode == 0
+    assert curl("-x", p.url, "--cacert", trust, nginx.url("/lib.js", "cdn.test")).returncode == 0
+    save(p, cap)
+    nginx.close()
+
+    p = replay(dumpproxy, pki, str(cap))
+    for version in ("--http1.1", "--http2"):
+        r = curl(version, "-x", p.url, "--cacert", trust, "-w", "\n%{http_code}",
+                 nginx.url("/hello.txt?x=1"))
+        body, status = r.stdout.decode().rsplit("\n", 1)
+        assert status == "502", r
+        assert f"not in the replay files: GET {nginx.url('/hello.txt?x=1')}" in body, body
+    events = settle(p, responses=2, connections=2)
+    errors = p.of("error")
+    assert [e["stage"] for e in errors] == ["replay", "replay"]
+    for err in errors:
+        closest = err["message"].split("closest recorded: ")[1].split("; ")
+        assert len(closest) == 3, err  # at most three
+        assert closest[0].startswith(f"GET {nginx.url('/hello.txt')} ({cap}:"), closest
+        assert "cdn.test" not in err["message"]  # only the host's own
+    assert not [e for e in events if e["event"] == "server_connect"]
+    got = p.of("response")
+    assert [e["status"] for e in got] == [502, 502] and not [e for e in got if "replayed" in e]
+    assert {e["flow"] for e in errors} == {e["flow"] for e in got}
+
+
+def test_miss_forwarded_extends_the_recording(dumpproxy, pki, nginx, tmp_path):
+    cap, nxt = tmp_path / "cap.jsonl", tmp_path / "next.jsonl"
+    p = record(dumpproxy, pki)
+    trust = str(bundle(p, pki, tmp_path))
+    assert curl("-x", p.url, "--cacert", trust, nginx.url("/hello.txt")).returncode == 0
+    save(p, cap)
+
+    # replayed where recorded, forwarded (and recorded with its body) where not
+    p = start(dumpproxy, pki, "--replay", str(cap), "--replay-miss", "forward",
+              "--record-for-replay")
+    for version in ("--http1.1", "--http2"):
+        for path in ("/hello.txt", "/app.js", "/style.css"):
+            r = curl(version, "-x", p.url, "--cacert", trust, nginx.url(path))
+            assert r.returncode == 0 and r.stdout, r.stderr
+    assert_quiet(p, responses=6, connections=6)
+    got = p.of("response")
+    assert [("replayed" in e, e["url"].rsplit("/", 1)[1]) for e in got] == [
+        (True, "hello.txt"), (False, "app.js"), (False, "style.css")] * 2
+    # only the forwarded ones reached the origin (the pool may carry two on one connection)
+    assert [("server" in e) for e in got] == [False, True, True] * 2
+    assert p.of("server_connect")
+    save(p, nxt)
+    nginx.close()
+
+    p = replay(dumpproxy, pki, str(nxt))
+    for path in ("/hello.txt", "/app.js", "/style.css"):
+        r = curl("--http2", "-x", p.url, "--cacert", trust, nginx.url(path))
+        assert r.returncode == 0 and r.stdout, r.stderr
+    got = assert_replayed(p, 3)
+    assert [e["replay_source"].split(":")[0] for e in got] == [str(nxt)] * 3
