@@ -30,6 +30,11 @@ _dumpproxy_options='
     --upstream-ca
     --isolate
     --no-browser-flags
+    --replay
+    --replay-miss
+    --replay-ignore-param
+    --replay-ignore-body
+    --record-for-replay
     --bodies
     --max-body-bytes
     --no-redact
@@ -70,10 +75,12 @@ _dumpproxy()
         fi
     fi
 
-    # `dumpproxy har [FILE...]`: event files.
-    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har ]]; then
+    # `dumpproxy har [FILE...]`, `dumpproxy replay --list FILE...`: event files.
+    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har || ${COMP_WORDS[1]} == replay ]]; then
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W '-h --help' -- "$cur"))
+            local subopts='-h --help'
+            [[ ${COMP_WORDS[1]} == replay ]] && subopts='--list -h --help'
+            COMPREPLY=($(compgen -W "$subopts" -- "$cur"))
         elif declare -F _filedir >/dev/null 2>&1; then
             _filedir
         else
@@ -101,7 +108,7 @@ _dumpproxy()
     done
 
     case $prev in
-        --ignore-hosts-file | --allow-hosts-file | --upstream-ca | -o | --output)
+        --ignore-hosts-file | --allow-hosts-file | --upstream-ca | -o | --output | --replay)
             if declare -F _filedir >/dev/null 2>&1; then
                 _filedir
             else
@@ -134,6 +141,10 @@ _dumpproxy()
             COMPREPLY=($(compgen -W 'json text' -- "$cur"))
             return
             ;;
+        --replay-miss)
+            COMPREPLY=($(compgen -W 'refuse forward' -- "$cur"))
+            return
+            ;;
         --completions)
             COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur"))
             return
@@ -148,7 +159,8 @@ _dumpproxy()
             ;;
         -p | --listen-port | --ignore-hosts | --allow-hosts | --check | --pattern-for | \
             --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
-            --idle-timeout | --pool-idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth)
+            --idle-timeout | --pool-idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth | \
+            --replay-ignore-param)
             # A free-form value: nothing sensible to offer.
             return
             ;;
@@ -161,7 +173,7 @@ _dumpproxy()
     fi
     # the subcommand, as the first word
     if ((COMP_CWORD == 1)) && [[ $cur != -* ]]; then
-        COMPREPLY+=($(compgen -W 'har' -- "$cur"))
+        COMPREPLY+=($(compgen -W 'har replay' -- "$cur"))
     fi
 } &&
     complete -F _dumpproxy dumpproxy

@@ -26,8 +26,8 @@ Stage = Literal[
     "http2",  # HTTP/2 protocol or connection trouble
     "internal",  # a bug in dumpproxy (costs one connection)
     "relay",  # a passed-through tunnel or upgraded connection broke
-    "replay",  # a request not in the --replay files (it names the closest recorded ones)
     "reload",  # SIGHUP: a pattern file could not be loaded, or -o FILE not reopened
+    "replay",  # a request not in the --replay files (it names the closest recorded ones)
     "server_connect",  # the destination could not be reached
     "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
     "socks5",  # a malformed or refused SOCKS5 handshake or request

@@ -8,12 +8,14 @@ that each response came from the record (`replayed`, `replay_source`).
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import curl
+from examples import example, run_in_sandbox, shell_commands
 from realorigins import Nginx
 from test_clients import TIMEOUT, assert_quiet, bundle, settle, start
 
@@ -173,3 +175,37 @@ def test_miss_forwarded_extends_the_recording(dumpproxy, pki, nginx, tmp_path):
         assert r.returncode == 0 and r.stdout, r.stderr
     got = assert_replayed(p, 3)
     assert [e["replay_source"].split(":")[0] for e in got] == [str(nxt)] * 3
+
+
+# --- the documented example ---------------------------------------------------------------
+
+
+def test_example_replay_ci(tmp_path, pki):
+    """README/man: record a job in wrap mode, list the record, stop the origin, run the
+    job again from the record."""
+    record_cmd, list_cmd, replay_cmd = shell_commands(example("replay-ci").text)
+    run_tests = ("#!/bin/sh\nset -e\ncurl -sS https://example.com/\ncurl -sS http://example.com/\n"
+                 "curl -sS -d 'q=1' https://example.com/\n")
+    driver = f"""
+{record_cmd}
+{list_cmd} > list.txt
+kill "$(pgrep -P "$PPID" -x python3)"  # the sandbox's origin (started by its setup)
+origin_gone() {{ ! listening 443; }}
+wait_until 20 origin_gone
+{replay_cmd}
+"""
+    r, work = run_in_sandbox(tmp_path, pki, driver, files={"run-tests": run_tests})
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert r.stdout.count("hello") == 6  # both runs' curl output
+    listed = (work / "list.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in listed] == [
+        "GET https://example.com:443/ 200 replayable",
+        "GET http://example.com:80/ 200 replayable",
+        "POST https://example.com:443/ 200 replayable"]
+    events = [json.loads(x) for x in (work / "replayed.jsonl").read_text().splitlines()]
+    got = [e for e in events if e["event"] == "response"]
+    assert [(e["url"], e.get("replayed")) for e in got] == [
+        ("https://example.com/", True), ("http://example.com/", True),
+        ("https://example.com/", True)]
+    assert [e["replay_source"] for e in got] == [line.split(" ")[0] for line in listed]
+    assert not [e for e in events if e["event"] in ("server_connect", "error")]
