@@ -7,17 +7,20 @@ that each response came from the record (`replayed`, `replay_source`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import curl
 from examples import example, run_in_sandbox, shell_commands
 from realorigins import Nginx
-from test_clients import TIMEOUT, assert_quiet, bundle, settle, start
+from test_clients import TIMEOUT, assert_quiet, bundle, client_env, settle, start, which
 
 
 @pytest.fixture
@@ -209,3 +212,94 @@ wait_until 20 origin_gone
         ("https://example.com/", True)]
     assert [e["replay_source"] for e in got] == [line.split(" ")[0] for line in listed]
     assert not [e for e in events if e["event"] in ("server_connect", "error")]
+
+
+# --- pip from a local simple index --------------------------------------------------------------
+
+
+def build_wheel(directory: Path, name: str, version: str) -> Path:
+    """A pure-Python wheel, built here (zip, dist-info, RECORD with hashes)."""
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\nSALT = {os.urandom(8).hex()!r}\n",
+        f"{name}-{version}.dist-info/METADATA":
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{name}-{version}.dist-info/WHEEL":
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record_path = f"{name}-{version}.dist-info/RECORD"
+    files[record_path] = "\n".join(record + [f"{record_path},,"]) + "\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+def pip_install(proxy, trust: str, index: str, target: Path) -> subprocess.CompletedProcess:
+    env = client_env(PIP_CONFIG_FILE=os.devnull, PIP_NO_INPUT="1", HOME=str(target.parent))
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+         "--index-url", index, "--proxy", proxy.url, "--cert", trust, "--target", str(target),
+         "replaydemo"], capture_output=True, timeout=TIMEOUT, env=env)
+
+
+def test_pip_install_from_a_local_index_recorded_then_replayed(dumpproxy, pki, nginx,
+                                                               tmp_path):
+    www = nginx.dir / "www"
+    (www / "packages").mkdir()
+    wheel = build_wheel(www / "packages", "replaydemo", "1.0")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (www / "simple" / "replaydemo").mkdir(parents=True)
+    (www / "simple" / "replaydemo" / "index.html").write_text(
+        f'<!doctype html><html><body><a href="../../packages/{wheel.name}#sha256={digest}">'
+        f"{wheel.name}</a></body></html>\n")
+    index = nginx.url("/simple/")
+    cap = tmp_path / "cap.jsonl"
+
+    p = record(dumpproxy, pki)
+    trust = str(bundle(p, pki, tmp_path))
+    r = pip_install(p, trust, index, tmp_path / "first")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_quiet(p, responses=2)
+    save(p, cap)
+    nginx.close()
+
+    p = replay(dumpproxy, pki, str(cap))
+    r = pip_install(p, trust, index, tmp_path / "second")
+    assert r.returncode == 0, r.stdout + r.stderr  # pip checked the wheel's sha256
+    got = assert_replayed(p, 2)
+    assert got[-1]["url"] == nginx.url(f"/packages/{wheel.name}")
+    installed = [(d / "replaydemo" / "__init__.py").read_text()
+                 for d in (tmp_path / "first", tmp_path / "second")]
+    assert installed[0] == installed[1] and "SALT" in installed[0]
+
+
+# --- git clone over HTTP ------------------------------------------------------------------------
+
+
+def test_git_clone_over_http_recorded_then_replayed(dumpproxy, pki, nginx, tmp_path):
+    url = f"http://git.test:{nginx.http_port}/repo.git"
+    cap = tmp_path / "cap.jsonl"
+
+    def clone(proxy, to: Path) -> None:
+        env = client_env(http_proxy=proxy.url, HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1",
+                         GIT_TERMINAL_PROMPT="0")
+        r = subprocess.run([which("git"), "clone", "-q", url, str(to)], capture_output=True,
+                           timeout=TIMEOUT, env=env)
+        assert r.returncode == 0, r.stderr
+        assert (to / "README").read_text() == "a repository served by nginx\n"
+
+    p = record(dumpproxy, pki)
+    clone(p, tmp_path / "first")
+    count = len(assert_quiet(p) and p.of("response"))
+    assert count >= 3  # info/refs, HEAD, objects
+    save(p, cap)
+    nginx.close()
+
+    p = replay(dumpproxy, pki, str(cap))
+    clone(p, tmp_path / "second")
+    assert_replayed(p, count)
