@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -21,6 +22,7 @@ from conftest import curl
 from examples import example, run_in_sandbox, shell_commands
 from realorigins import Nginx
 from test_clients import TIMEOUT, assert_quiet, bundle, client_env, settle, start, which
+from test_replay import chromium_har
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ def assert_replayed(p, count: int) -> list[dict]:
     got = p.of("response")
     assert len(got) == count, got
     assert all(e.get("replayed") is True for e in got), got
-    assert all(":" in e["replay_source"] for e in got), got
+    assert all(re.fullmatch(r".+(:\d+|#entry \d+)", e["replay_source"]) for e in got), got
     return got
 
 
@@ -303,3 +305,29 @@ def test_git_clone_over_http_recorded_then_replayed(dumpproxy, pki, nginx, tmp_p
     p = replay(dumpproxy, pki, str(cap))
     clone(p, tmp_path / "second")
     assert_replayed(p, count)
+
+
+# --- a browser's HAR export ---------------------------------------------------------------------
+
+
+def test_chromium_shaped_har_replays(dumpproxy, pki, tmp_path):
+    """A HAR in Chromium DevTools' export shape (test_replay.chromium_har): no origin ever
+    existed for it; curl gets its page, its base64 image byte for byte, and its POST."""
+    har = tmp_path / "chromium.har"
+    har.write_bytes(chromium_har())
+    p = replay(dumpproxy, pki, str(har))
+    ca = str(p.home / "ca-cert.pem")
+    for version in ("--http1.1", "--http2"):
+        r = curl(version, "-x", p.url, "--cacert", ca, "https://app.test/")
+        assert r.returncode == 0 and r.stdout == b"<p>replay</p>\n", r.stderr
+        r = curl(version, "-x", p.url, "--cacert", ca, "https://app.test/logo.png")
+        assert r.stdout.startswith(b"\x89PNG\r\n\x1a\n") and r.stdout[8:] == bytes(range(256))
+        r = curl(version, "-x", p.url, "--cacert", ca, "-w", " %{http_code}",
+                 "-H", "content-type: application/json", "-d", '{"a":1}',
+                 "https://app.test/api?x=1")
+        assert r.stdout == b'{"ok":true} 201', r
+    got = assert_replayed(p, 6)
+    assert [e["replay_source"] for e in got] == [
+        f"{har}#entry {i}" for i in (1, 2, 3)] * 2
+    assert got[0]["headers"]["content-type"] == "text/html"
+    assert not [h for e in got for h in e["headers"] if h.startswith(":")]
