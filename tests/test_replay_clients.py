@@ -21,7 +21,17 @@ import pytest
 from conftest import curl
 from examples import example, run_in_sandbox, shell_commands
 from realorigins import Nginx
-from test_clients import TIMEOUT, assert_quiet, bundle, client_env, settle, start, which
+from test_clients import (
+    TIMEOUT,
+    assert_quiet,
+    bundle,
+    chromium,
+    client_env,
+    settle,
+    start,
+    stop_chromium,
+    which,
+)
 from test_replay import chromium_har
 
 
@@ -331,3 +341,62 @@ def test_chromium_shaped_har_replays(dumpproxy, pki, tmp_path):
         f"{har}#entry {i}" for i in (1, 2, 3)] * 2
     assert got[0]["headers"]["content-type"] == "text/html"
     assert not [h for e in got for h in e["headers"] if h.startswith(":")]
+
+
+# --- headless Chromium: a page with scripts, styles and images over HTTPS and HTTP/2 ----------
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>replayed page</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="https://cdn.test:{port}/style.css">
+<script src="https://cdn.test:{port}/lib.js"></script>
+<script src="/app.js"></script>
+</head>
+<body><img id="a" src="/local.svg"><img id="b" src="https://cdn.test:{port}/logo.svg">
+<p id="out">not loaded</p>
+<script>
+window.addEventListener("load", () => {{
+  const imgs = [...document.images].every(i => i.complete && i.naturalWidth > 0);
+  const css = getComputedStyle(document.body).marginLeft === "7px";
+  document.getElementById("out").textContent =
+    `lib=${{window.LIB === 1}} app=${{window.APP === 1}} imgs=${{imgs}} css=${{css}}`;
+}});
+</script>
+</body></html>
+"""
+
+
+def test_chromium_page_load_recorded_then_replayed(dumpproxy, pki, nginx, tmp_path):
+    """Headless Chromium loads a page whose script, stylesheet and images come from two
+    host names over HTTPS (HTTP/2); the origin is stopped and the same load from the
+    record renders the same DOM and makes the same requests."""
+    (nginx.dir / "www" / "page.html").write_text(PAGE.format(port=nginx.port))
+    url = nginx.url("/page.html")
+    cap = tmp_path / "cap.jsonl"
+
+    def load(proxy, profile: str) -> tuple[str, list[tuple]]:
+        proc = chromium(proxy, pki, tmp_path / profile, url, extra=(
+            "--dump-dom", "--virtual-time-budget=10000"), stdout=subprocess.PIPE)
+        try:
+            dom, _ = proc.communicate(timeout=TIMEOUT)
+        finally:
+            stop_chromium(proc)
+        settle(proxy, responses=6, connections=1)
+        requests = sorted((e["method"], e["url"], e["status"], e["http_version"])
+                          for e in proxy.of("response"))
+        return dom.decode(), requests
+
+    p = record(dumpproxy, pki)
+    dom, requests = load(p, "first")
+    assert "lib=true app=true imgs=true css=true" in dom, dom
+    assert {r[3] for r in requests} == {"HTTP/2.0"} and len(requests) == 6, requests
+    assert not p.of("error")
+    save(p, cap)
+    nginx.close()
+
+    p = replay(dumpproxy, pki, str(cap))
+    replayed_dom, replayed_requests = load(p, "second")
+    assert replayed_dom == dom
+    assert replayed_requests == requests
+    assert_replayed(p, 6)
+    assert not p.of("error")
