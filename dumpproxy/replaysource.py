@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import re
 import sys
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from dumpproxy.captures import Input, Malformed, NotACapture, Skipped
 from dumpproxy.replay import Recorded, Replay, Request, body_digest, header_items
 
 RECORD_HINT = "record with --record-for-replay"
+EVENT_START = re.compile(rb'\{\s*"(ts|event)"\s*:')  # the start of a capture's first line
 
 
 class ReplayFileError(Exception):
@@ -62,11 +64,13 @@ def _looks_like_har(head: bytes) -> bool:
     object is taken for a HAR document (and told so when it is not one)."""
     if not head.startswith(b"{"):
         return False
-    first = head.split(b"\n", 1)[0]
+    first, newline, _ = head.partition(b"\n")
+    if not newline:  # a line longer than the sniffed bytes: an event starts as we write it
+        return not EVENT_START.match(first)
     try:
         ev = orjson.loads(first)
     except orjson.JSONDecodeError:
-        return True  # pretty-printed, or longer than the sniffed bytes: parsed whole
+        return True  # pretty-printed: parsed whole
     return not (isinstance(ev, dict) and "event" in ev)
 
 

@@ -146,6 +146,13 @@ def test_capture_index_and_bodies_read_on_demand(tmp_path):
     assert entries[3].headers == [(b"x-a", b"1")] and "redacted" in entries[3].warning
 
 
+def test_capture_with_a_first_line_longer_than_the_sniffed_bytes(tmp_path):
+    body = bytes(range(256)) * 64  # base64: a first line far over 4 KiB
+    cap = write_capture(tmp_path / "cap.jsonl", [response_line("https://app.test/", body)])
+    [entry] = read_file(str(cap))
+    assert read_body(entry) == body and entry.source == f"{cap}:1"
+
+
 def chromium_har() -> bytes:
     """An export in Chromium DevTools' shape: `_`-prefixed fields, base64 bodies, HTTP/2
     entries with pseudo-headers and the "h2" version, a POST with postData."""
