@@ -132,7 +132,9 @@ def _capture_entry(ev: dict, source: str, where: tuple[str, int]) -> Recorded:
                               "status or headers")
     items, redacted = header_items(ev["headers"].items())
     problem = None
-    if ev.get("aborted") or status < 200 and status != 0 or status == 0:
+    if status == 101:
+        problem = "an upgraded connection (WebSocket): not replayed"
+    elif ev.get("aborted") or status < 200:
         problem = "the exchange was cut or failed (no complete response recorded)"
     elif not isinstance(ev.get("server"), int) and not ev.get("replayed"):
         problem = "answered by dumpproxy, not the destination"
@@ -168,7 +170,11 @@ def har_entries(name: str, data: bytes) -> list[Recorded]:
     if not isinstance(log, dict) or not isinstance(log.get("entries"), list):
         raise ReplayFileError(f"{name}:1: neither a dumpproxy capture nor a HAR file (no "
                               "log.entries)")
-    entries = [_har_entry(entry, f"{name}#entry {i}")
+    # A browser's export holds bodies decoded (HAR 1.2: content.text), ours as they were
+    # sent: a browser's content-encoding no longer describes its body.
+    creator = log.get("creator")
+    decoded = not (isinstance(creator, dict) and creator.get("name") == "dumpproxy")
+    entries = [_har_entry(entry, f"{name}#entry {i}", decoded)
                for i, entry in enumerate(log["entries"], 1)]
     if not entries:
         raise ReplayFileError(f"{name}: a HAR file without entries: nothing to replay")
@@ -187,7 +193,7 @@ def _pairs(headers: object) -> list[tuple[str, str]] | None:
     return out
 
 
-def _har_entry(entry: object, source: str) -> Recorded:
+def _har_entry(entry: object, source: str, decoded: bool) -> Recorded:
     rq = entry.get("request") if isinstance(entry, dict) else None
     rs = entry.get("response") if isinstance(entry, dict) else None
     if not isinstance(rq, dict) or not isinstance(rs, dict):
@@ -199,7 +205,8 @@ def _har_entry(entry: object, source: str) -> Recorded:
         raise ReplayFileError(f"{source}: a HAR entry without a valid method, url, status "
                               "or headers")
     # HTTP/2 entries (Chromium) may carry pseudo-headers: not the response's own fields
-    items, redacted = header_items((n, v) for n, v in pairs if not n.startswith(":"))
+    items, redacted = header_items((n, v) for n, v in pairs if not n.startswith(":") and not (
+        decoded and n.lower() == "content-encoding"))
     digest = None
     post = rq.get("postData")
     if isinstance(post, dict) and isinstance(post.get("text"), str):

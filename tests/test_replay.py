@@ -190,6 +190,12 @@ def chromium_har() -> bytes:
               post={"mimeType": "application/json", "text": '{"a":1}'}),
         entry("GET", "https://app.test/gone", 0, [], {"size": 0, "mimeType": "x-unknown"},
               version=""),
+        # a compressed response: Chromium exports the body decoded
+        entry("GET", "https://app.test/app.js", 200,
+              [{"name": "content-type", "value": "text/javascript"},
+               {"name": "content-encoding", "value": "br"}],
+              {"size": 17, "mimeType": "text/javascript", "compression": 5,
+               "text": "window.APP = 1;\n"}),
     ]}}, option=orjson.OPT_INDENT_2)
 
 
@@ -197,11 +203,12 @@ def test_chromium_har_entries(tmp_path):
     har = tmp_path / "chromium.har"
     har.write_bytes(chromium_har())
     entries = read_file(str(har))
-    assert [e.source for e in entries] == [f"{har}#entry {i}" for i in (1, 2, 3, 4)]
+    assert [e.source for e in entries] == [f"{har}#entry {i}" for i in (1, 2, 3, 4, 5)]
     assert read_body(entries[1]).startswith(b"\x89PNG") and len(read_body(entries[1])) == 264
     assert entries[0].headers == [(b"content-type", b"text/html")]  # no pseudo-headers
     assert entries[2].body == body_digest(b'{"a":1}')
-    assert [e.problem is None for e in entries] == [True, True, True, False]
+    assert [e.problem is None for e in entries] == [True, True, True, False, True]
+    assert entries[4].headers == [(b"content-type", b"text/javascript")]  # body decoded
 
 
 def test_our_own_har_replays_like_its_capture(tmp_path):
@@ -211,7 +218,8 @@ def test_our_own_har_replays_like_its_capture(tmp_path):
          "port": 443, "path": "/p", "http_version": "HTTP/1.1", "headers": {}},
         response_line("https://app.test/p", b"\xff\xfe", method="POST",
                       request_body=base64.b64encode(b"\xff").decode(),
-                      request_body_encoding="base64", request_bytes=1)])
+                      request_body_encoding="base64", request_bytes=1,
+                      headers={"content-type": "text/plain", "content-encoding": "gzip"})])
     har = tmp_path / "ours.har"
     r = run_cli("har", str(cap))
     assert r.returncode == 0, r.stderr
@@ -220,6 +228,9 @@ def test_our_own_har_replays_like_its_capture(tmp_path):
     assert from_har.body == from_cap.body == body_digest(b"\xff")
     assert read_body(from_har) == read_body(from_cap) == b"\xff\xfe"
     assert from_har.request == from_cap.request and from_har.status == 200
+    # ours holds bodies as sent: their content-encoding stays
+    assert from_har.headers == from_cap.headers == [(b"content-type", b"text/plain"),
+                                                    (b"content-encoding", b"gzip")]
 
 
 MALFORMED = [
@@ -279,8 +290,8 @@ def test_replay_list(tmp_path, home):
         f"{cap}:2 GET http://app.test:8080/c?q=1 404 not replayable: its body was cut at "
         "--max-body-bytes (record with --record-for-replay)",
         f"{har}#entry 1 GET https://app.test:443/ 200 replayable"]
-    assert lines[-1].startswith(f"{har}#entry 4 GET https://app.test:443/gone 0 not "
-                                "replayable") and len(lines) == 6
+    assert lines[-2].startswith(f"{har}#entry 4 GET https://app.test:443/gone 0 not "
+                                "replayable") and len(lines) == 7
 
 
 def test_entries_that_cannot_be_served_are_named_at_start_up(home, tmp_path):
