@@ -888,7 +888,7 @@ class H2Bridge:
                 if n < len(data):
                     piece = data[:n]
                     item[0] = data[n:]
-                    ack = n
+                    ack = min(n, item[1])  # less when acknowledged already (replay)
                 else:
                     piece = data
                     leg.chunks.popleft()

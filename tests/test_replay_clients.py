@@ -54,9 +54,8 @@ def save(p, cap: Path) -> None:
     cap.write_text("".join(p.lines))
 
 
-def replay(dumpproxy, pki, *args: str):
-    return start(dumpproxy, pki, *(a for f in args for a in (
-        ("--replay", f) if not f.startswith("-") else (f,))))
+def replay(dumpproxy, pki, source: str, *args: str):
+    return start(dumpproxy, pki, "--replay", source, *args)
 
 
 def assert_replayed(p, count: int) -> list[dict]:
@@ -400,3 +399,80 @@ def test_chromium_page_load_recorded_then_replayed(dumpproxy, pki, nginx, tmp_pa
     assert replayed_requests == requests
     assert_replayed(p, 6)
     assert not p.of("error")
+
+
+# --- matching options, bodies, passed-through destinations ---------------------------------------
+
+
+def test_ignored_parameter_and_body_options(dumpproxy, pki, origin, tmp_path):
+    """Plain HTTP through the explicit proxy, against the Python test origin's /echo (its
+    answer names the request it got)."""
+    cap = tmp_path / "cap.jsonl"
+    p = record(dumpproxy, pki)
+    first = curl("-x", p.url, "-d", "one", origin.url("/echo?q=a&t=100")).stdout
+    assert b'"body": "one"' in first
+    assert curl("-x", p.url, "-d", "two", origin.url("/echo?q=a&t=100")).returncode == 0
+    save(p, cap)
+    origin.close()
+
+    p = replay(dumpproxy, pki, str(cap))  # body and every parameter count
+    assert curl("-x", p.url, "-d", "one", origin.url("/echo?q=a&t=100")).stdout == first
+    r = curl("-x", p.url, "-d", "one", "-w", " %{http_code}", origin.url("/echo?q=a&t=999"))
+    assert r.stdout.endswith(b" 502")
+    r = curl("-x", p.url, "-d", "three", "-w", " %{http_code}", origin.url("/echo?q=a&t=100"))
+    assert r.stdout.endswith(b" 502")
+    settle(p, responses=3, connections=3)
+    assert [e["stage"] for e in p.of("error")] == ["replay", "replay"]
+
+    p = replay(dumpproxy, pki, str(cap), "--replay-ignore-param", "t")
+    assert curl("-x", p.url, "-d", "one", origin.url("/echo?q=a&t=999")).stdout == first
+    assert curl("-x", p.url, "-d", "one", origin.url("/echo?q=a")).stdout == first
+    p = replay(dumpproxy, pki, str(cap), "--replay-ignore-body")
+    got = [curl("-x", p.url, "-d", "x", origin.url("/echo?q=a&t=100")).stdout
+           for _ in range(3)]  # recorded order, then the last again
+    assert got[0] == first and b'"body": "two"' in got[1] and got[2] == got[1]
+    assert_replayed(p, 3)
+
+
+def test_http2_request_body_forwarded_after_a_miss(dumpproxy, pki, tmp_path):
+    """An HTTP/2 request is read whole to be matched; on a forwarded miss its body goes on
+    to the destination (hypercorn, HTTP/2) whole, past HTTP/2's initial 64 KiB window."""
+    from test_http2 import Hypercorn
+
+    cert, key = pki.leaf(["localhost", "127.0.0.1"])
+    origin = Hypercorn(cert, key)
+    try:
+        cap = tmp_path / "cap.jsonl"
+        p = record(dumpproxy, pki)
+        ca = str(p.home / "ca-cert.pem")
+        assert curl("--http2", "-x", p.url, "--cacert", ca, origin.url("/small")).stdout
+        save(p, cap)
+        body = tmp_path / "body.bin"
+        body.write_bytes(os.urandom(300 * 1024))
+        p = start(dumpproxy, pki, "--replay", str(cap), "--replay-miss", "forward")
+        r = curl("--http2", "-x", p.url, "--cacert", ca, "--data-binary", f"@{body}",
+                 origin.url("/echo"))
+        assert r.returncode == 0, r.stderr
+        echo = json.loads(r.stdout)
+        assert echo["http_version"] == "2" and echo["body_len"] == 300 * 1024
+        assert echo["body_sha256"] == hashlib.sha256(body.read_bytes()).hexdigest()
+        assert curl("--http2", "-x", p.url, "--cacert", ca, origin.url("/small")).stdout
+        settle(p, responses=2, connections=2)
+        got = p.of("response")
+        assert [("replayed" in e, "server" in e) for e in got] == [(False, True), (True, False)]
+        assert got[0]["request_bytes"] == 300 * 1024 and not p.of("error")
+    finally:
+        origin.close()
+
+
+def test_passed_through_destinations_are_not_replayed(dumpproxy, pki, nginx, tmp_path):
+    cap = tmp_path / "cap.jsonl"
+    p = record(dumpproxy, pki)
+    trust = str(bundle(p, pki, tmp_path))
+    assert curl("-x", p.url, "--cacert", trust, nginx.url("/hello.txt")).stdout == b"hello\n"
+    save(p, cap)
+    p = replay(dumpproxy, pki, str(cap), "--ignore-hosts", r"^app\.test:")
+    assert curl("-x", p.url, "--cacert", trust, nginx.url("/hello.txt")).stdout == b"hello\n"
+    events = settle(p)
+    assert [e["action"] for e in events if e["event"] == "decision"] == ["passthrough"]
+    assert p.of("server_connect") and not p.of("response")  # the origin answered, unrecorded
