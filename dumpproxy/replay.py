@@ -119,10 +119,12 @@ class Replay:
         self.entries = entries
         self._by_key: dict[tuple, list[Recorded]] = {}
         self._hosts: set[tuple[str, int]] = set()
+        self._by_host: dict[str, list[Recorded]] = {}  # what a miss is compared with
         for rec in entries:
             if rec.problem is None:
                 self._by_key.setdefault(self.key(rec.request), []).append(rec)
                 self._hosts.add((rec.request.host.lower(), rec.request.port))
+                self._by_host.setdefault(rec.request.host.lower(), []).append(rec)
         self._served: dict[tuple, int] = {}  # per key and body: how many were served
 
     def key(self, req: Request) -> tuple:
@@ -157,13 +159,10 @@ class Replay:
     def closest(self, req: Request, limit: int = MAX_CLOSEST) -> list[Recorded]:
         """Up to `limit` recorded requests for the same host, most like this one first
         (same method first, then the likeness of path and query)."""
-        host = req.host.lower()
         seen: set[tuple] = set()
         scored = []
-        for rec in self.entries:
+        for rec in self._by_host.get(req.host.lower(), ()):
             r = rec.request
-            if r.host.lower() != host or rec.problem is not None:
-                continue
             ident = (r.method, r.scheme, r.port, r.path)
             if ident in seen:
                 continue

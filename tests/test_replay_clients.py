@@ -476,3 +476,17 @@ def test_passed_through_destinations_are_not_replayed(dumpproxy, pki, nginx, tmp
     events = settle(p)
     assert [e["action"] for e in events if e["event"] == "decision"] == ["passthrough"]
     assert p.of("server_connect") and not p.of("response")  # the origin answered, unrecorded
+
+
+def test_reverse_mode_replays(dumpproxy, pki, tls_origin, tmp_path):
+    """Reverse mode to an https target, a plaintext client: the record answers it too."""
+    cap = tmp_path / "cap.jsonl"
+    target = f"reverse:https://localhost:{tls_origin.port}"
+    p = record(dumpproxy, pki, "--mode", target)
+    assert curl(f"{p.url}/small").stdout == b"hello\n"
+    save(p, cap)
+    tls_origin.close()
+    p = replay(dumpproxy, pki, str(cap), "--mode", target)
+    assert curl(f"{p.url}/small").stdout == b"hello\n"
+    [resp] = assert_replayed(p, 1)
+    assert resp["url"] == f"https://localhost:{tls_origin.port}/small"
