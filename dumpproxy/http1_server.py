@@ -258,9 +258,8 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         if pool is None or not ctx.decide(host, port, candidates(host, port),
                                           sni=None).passthrough:
             fl = record()
-            served = await replay_http1(ctx, h, client, req, items, replay, fl,
-                                        ReplayRequest(req.method.decode("latin-1").upper(),
-                                                 scheme, host, port, path))
+            asked = ReplayRequest(fl.method.upper(), scheme, host, port, path)
+            served = await replay_http1(ctx, h, client, req, items, replay, fl, asked)
             if not isinstance(served, Forward):
                 return served
             forward = served

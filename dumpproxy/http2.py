@@ -370,8 +370,11 @@ class H2Bridge:
         """up: the first upstream connection; None under replay (destination: where one
         goes when a miss is forwarded)."""
         self.ctx = ctx
+        if up is not None:
+            destination = (up.host, up.port)
+        assert destination is not None
         # where upstream connections go (their address names the events)
-        self.dest_host, self.port = (up.host, up.port) if up is not None else destination  # type: ignore[misc]
+        self.dest_host, self.port = destination
         self.address = join_host_port(self.dest_host, self.port)
         self.scheme = scheme
         self.host = host  # as the HTTP/1 bridge names it: the SNI, else the CONNECT host
@@ -979,6 +982,8 @@ class H2Bridge:
         pair = side.pairs.get(ev.stream_id)
         if pair is None:
             return False
+        if side is self.client:
+            self.matching.pop(ev.stream_id, None)  # replay: no longer to be matched
         other, oid = side.target(pair)
         if other is not None:
             try:

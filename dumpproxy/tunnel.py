@@ -159,6 +159,13 @@ class Tunnel:
         # The first bytes are needed anyway (TLS or plaintext): the decision names the SNI
         # and Host the client sent, patterns or not, at no cost in latency.
         data, peek = await self._peek()
+        if not data and self._replayed_here(dest.host):
+            # replay: a client silent so far (a browser's spare connection) may speak until
+            # the head timeout; the destination is never asked for a silent one
+            data, peek = await peek_first_bytes(self.client,
+                                                self.opened + self.cfg.head_timeout)
+            if not data:
+                return
         decision = ctx.decide(dest.host, dest.port, candidates(
             dest.host, dest.port, ip=self.ip_host, sni=peek.sni,
             host_header=peek.host if dest.host_header else None), peek.sni)
@@ -268,13 +275,17 @@ class Tunnel:
         up = await self._connect((name, tuple(p for p in offered if p in SUPPORTED_ALPN)))
         return up.tls.ssl.selected_alpn_protocol() if up.tls is not None else None
 
-    def _replay_alpn(self, name: str, offered: tuple[str, ...]) -> tuple[str, ...] | None:
-        """Under replay, with no connection made: the client's ALPN chosen here (h2 when
-        offered) when the destination is served from the record, or when a miss would
-        not be forwarded anyway; None: settled with the destination as usual."""
+    def _replayed_here(self, name: str) -> bool:
+        """Under replay, with no connection made: the destination is served from the
+        record, or a miss would not be forwarded anyway."""
         replay = self.cfg.replay
-        if replay is None or self.up is not None or self.dest.scheme == "http" or (
-                replay.forward and not replay.serves(name, self.dest.port)):
+        return replay is not None and self.up is None and (
+            not replay.forward or replay.serves(name, self.dest.port))
+
+    def _replay_alpn(self, name: str, offered: tuple[str, ...]) -> tuple[str, ...] | None:
+        """Under replay: the client's ALPN chosen here (h2 when offered) when the
+        destination is not to be asked (`_replayed_here`); None: settled with it."""
+        if self.dest.scheme == "http" or not self._replayed_here(name):
             return None
         return tuple(p for p in (H2_ALPN, HTTP1_ALPN) if p in offered)[:1]
 

@@ -14,11 +14,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import curl
+from conftest import curl, open_tunnel
 from examples import example, run_in_sandbox, shell_commands
 from realorigins import Nginx
 from test_clients import (
@@ -398,7 +399,7 @@ def test_chromium_page_load_recorded_then_replayed(dumpproxy, pki, nginx, tmp_pa
     assert replayed_dom == dom
     assert replayed_requests == requests
     assert_replayed(p, 6)
-    assert not p.of("error")
+    assert [(e["stage"], e["message"]) for e in p.of("error")] == []
 
 
 # --- matching options, bodies, passed-through destinations ---------------------------------------
@@ -490,3 +491,16 @@ def test_reverse_mode_replays(dumpproxy, pki, tls_origin, tmp_path):
     assert curl(f"{p.url}/small").stdout == b"hello\n"
     [resp] = assert_replayed(p, 1)
     assert resp["url"] == f"https://localhost:{tls_origin.port}/small"
+
+
+def test_silent_tunnel_to_a_recorded_destination_never_connects(dumpproxy, pki, tmp_path):
+    """A browser's spare connection: CONNECT, then nothing until it closes."""
+    har = tmp_path / "chromium.har"
+    har.write_bytes(chromium_har())
+    p = replay(dumpproxy, pki, str(har), "--peek-timeout", "0.2")
+    sock = open_tunnel(p.port, "app.test:443")
+    p.wait_for(lambda e: e["event"] == "client_connect")
+    time.sleep(0.5)  # past the peek timeout: still silent
+    sock.close()
+    events = settle(p)
+    assert not [e for e in events if e["event"] in ("server_connect", "error", "decision")]
