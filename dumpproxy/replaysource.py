@@ -264,8 +264,17 @@ def startup_lines(replay: Replay) -> list[str]:
 # --- dumpproxy replay --list ------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """One-line usage errors, as the proxy's own options have: exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"dumpproxy: error: replay: {message} (dumpproxy replay --list FILE...)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dumpproxy replay",
         usage="dumpproxy replay --list FILE...",
         description="Show what replay files (dumpproxy captures made with --bodies or "

@@ -358,3 +358,12 @@ def test_har_reader_takes_our_har_schema_shape():
                                 "response": {"status": 204, "headers": []}}]}}
     [entry] = har_entries("x.har", orjson.dumps(doc))
     assert entry.problem is None and entry.status == 204
+
+
+def test_replay_subcommand_usage_errors_are_one_line(home, tmp_path):
+    for args in ([], [str(tmp_path / "cap.jsonl")], ["--list"], ["--lits", "x"]):
+        r = run_cli("replay", *args, home=home)
+        assert r.returncode == 2 and r.stdout == b"", (args, r)
+        [line] = r.stderr.decode().splitlines()
+        assert line.startswith("dumpproxy: error: replay: ") and line.endswith(
+            "(dumpproxy replay --list FILE...)"), line
