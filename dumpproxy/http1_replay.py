@@ -15,7 +15,8 @@ from dumpproxy.context import Context
 from dumpproxy.flows import Flow
 from dumpproxy.http1 import Exchange, refuse
 from dumpproxy.http1_wire import Wire, protocol_error_text
-from dumpproxy.replay import MAX_REQUEST_BODY, Recorded, Replay, Request, response_headers
+from dumpproxy.replay import MAX_REQUEST_BODY, Recorded, Replay, Request
+from dumpproxy.replaysource import BodyUnreadable, recorded_response
 from dumpproxy.streams import Stream, StreamTimeout
 
 
@@ -61,20 +62,15 @@ async def serve(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         fl.request_data(body)
         return refuse(ctx, h, client, "replay", 502, replay.miss_message(rq), fl, address)
     fl.request_data(body)
-    return await _answer(ctx, h, client, req, replay, rec, fl, address)
+    return await _answer(ctx, h, client, req, rec, fl, address)
 
 
-async def _answer(ctx: Context, h: Wire, client: Stream, req: wire.Request, replay: Replay,
-            rec: Recorded, fl: Flow, address: str) -> bool:
+async def _answer(ctx: Context, h: Wire, client: Stream, req: wire.Request, rec: Recorded,
+                  fl: Flow, address: str) -> bool:
     try:
-        data = replay.load_body(rec)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return refuse(ctx, h, client, "replay", 502, f"{rec.source}: cannot read the "
-                      f"recorded body: {e}", fl, address)
-    method = req.method.decode("latin-1")
-    if method == "HEAD" or rec.status in (204, 304):
-        data = b""
-    out = response_headers(rec, method, len(data))
+        out, data = await recorded_response(rec, req.method.decode("latin-1"))
+    except BodyUnreadable as e:
+        return refuse(ctx, h, client, "replay", 502, str(e), fl, address)
     reason = (rec.reason or hdr.reason_phrase(rec.status)).encode("latin-1", "replace")
     fl.replayed = rec.source
     try:

@@ -34,8 +34,9 @@ from dumpproxy.addresses import join_host_port
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow
 from dumpproxy.h2conn import MAX_STREAMS, Connection, goaway, new_connection
-from dumpproxy.replay import MAX_REQUEST_BODY, response_headers
+from dumpproxy.replay import MAX_REQUEST_BODY, Recorded
 from dumpproxy.replay import Request as ReplayRequest
+from dumpproxy.replaysource import BodyUnreadable, recorded_response
 from dumpproxy.schema import Aborted, Stage
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import Upstream, UpstreamError
@@ -861,16 +862,22 @@ class H2Bridge:
         if rec is None:
             self._answer(pair, 502, replay.miss_message(rq), "replay")
             return
+        self.spawn(self._serve_recorded(pair, rec, rq.method))
+
+    async def _serve_recorded(self, pair: Pair, rec: Recorded, method: str) -> None:
+        """The recorded response, once its body is read."""
         try:
-            data = replay.load_body(rec)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self._answer(pair, 502, f"{rec.source}: cannot read the recorded body: {e}",
-                         "replay")
+            headers, data = await recorded_response(rec, method)
+        except BodyUnreadable as e:
+            if self.client.pairs.get(pair.client_id) is pair:
+                self._answer(pair, 502, str(e), "replay")
+                self.flush_all()
             return
-        if rq.method == "HEAD" or rec.status in (204, 304):
-            data = b""
+        if self.client.pairs.get(pair.client_id) is not pair or pair.flow is None:
+            return  # reset while its body was read
         pair.flow.replayed = rec.source
-        self._respond(pair, rec.status, response_headers(rec, rq.method, len(data)), data)
+        self._respond(pair, rec.status, headers, data)
+        self.flush_all()
 
     def _pump(self, target: Side, pair: Pair) -> None:
         """Send what target's window allows of the pair's data for it; acknowledge it to

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -110,12 +110,10 @@ class Replay:
     The only state is the position in each run of identical requests."""
 
     def __init__(self, entries: list[Recorded], ignore_params: Iterable[str] = (),
-                 ignore_body: bool = False, forward: bool = False,
-                 load_body: Callable[[Recorded], bytes] | None = None):
+                 ignore_body: bool = False, forward: bool = False):
         self.ignore_params = frozenset(ignore_params)
         self.ignore_body = ignore_body
         self.forward = forward  # a miss goes to the real destination
-        self.load_body = load_body or (lambda rec: b"")
         self.entries = entries
         self._by_key: dict[tuple, list[Recorded]] = {}
         self._hosts: set[tuple[str, int]] = set()

@@ -11,6 +11,7 @@ export is, in memory). Every mistake in a file is one `ReplayFileError` line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import re
@@ -22,7 +23,14 @@ import orjson
 
 from dumpproxy.addresses import DEFAULT_PORTS
 from dumpproxy.captures import Input, Malformed, NotACapture, Skipped
-from dumpproxy.replay import Recorded, Replay, Request, body_digest, header_items
+from dumpproxy.replay import (
+    Recorded,
+    Replay,
+    Request,
+    body_digest,
+    header_items,
+    response_headers,
+)
 
 RECORD_HINT = "record with --record-for-replay"
 EVENT_START = re.compile(rb'\{\s*"(ts|event)"\s*:')  # the start of a capture's first line
@@ -41,7 +49,7 @@ def load(names: list[str], ignore_params: Iterable[str] = (), ignore_body: bool 
     entries: list[Recorded] = []
     for name in names:
         entries += read_file(name)
-    return Replay(entries, ignore_params, ignore_body, forward, read_body)
+    return Replay(entries, ignore_params, ignore_body, forward)
 
 
 def read_file(name: str) -> list[Recorded]:
@@ -248,6 +256,27 @@ def read_body(rec: Recorded) -> bytes:
         ev = orjson.loads(f.readline())
     body = _body(ev["response_body"], ev.get("response_body_encoding") == "base64")
     return body or b""
+
+
+class BodyUnreadable(Exception):
+    """A recorded body that could not be read again (the file changed since start-up)."""
+
+
+async def recorded_response(rec: Recorded, method: str) -> tuple[list[tuple[bytes, bytes]],
+                                                                  bytes]:
+    """The recorded response as a client gets it: headers recomputed, and the body, read
+    again in a thread (a big one must not hold up the event loop). Raises BodyUnreadable."""
+    if method == "HEAD" or rec.status in (204, 304):
+        data = b""
+    elif isinstance(rec.where, bytes):
+        data = rec.where
+    else:
+        try:
+            data = await asyncio.to_thread(read_body, rec)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BodyUnreadable(f"{rec.source}: cannot read the recorded body: {e}") \
+                from None
+    return response_headers(rec, method, len(data)), data
 
 
 def startup_lines(replay: Replay) -> list[str]:

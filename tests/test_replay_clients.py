@@ -517,3 +517,25 @@ def test_silent_tunnel_to_a_recorded_destination_never_connects(dumpproxy, pki, 
     sock.close()
     events = settle(p)
     assert not [e for e in events if e["event"] in ("server_connect", "error", "decision")]
+
+
+def test_a_body_that_cannot_be_read_again_is_a_502(dumpproxy, pki, tls_origin, tmp_path):
+    """Bodies are read from the capture when served: one changed since start-up gets 502
+    and an error naming the recorded exchange (HTTP/1 and HTTP/2 alike)."""
+    cap = tmp_path / "cap.jsonl"
+    url = tls_origin.url("/small", host="localhost")
+    p = record(dumpproxy, pki)
+    ca = str(p.home / "ca-cert.pem")
+    assert curl("-x", p.url, "--cacert", ca, url).stdout == b"hello\n"
+    save(p, cap)
+    p = replay(dumpproxy, pki, str(cap))
+    assert curl("--http2", "-x", p.url, "--cacert", ca, url).stdout == b"hello\n"
+    cap.write_text("")  # the capture is gone since start-up
+    for version in ("--http1.1", "--http2"):
+        r = curl(version, "-x", p.url, "--cacert", ca, "-w", " %{http_code}", url)
+        assert r.stdout.endswith(b" 502") and b"cannot read the recorded body" in r.stdout
+    settle(p, responses=3, connections=3)
+    errors = p.of("error")
+    assert [e["stage"] for e in errors] == ["replay", "replay"]
+    assert all(e["message"].startswith(f"{cap}:") for e in errors), errors
+    assert [e["status"] for e in p.of("response")] == [200, 502, 502]
