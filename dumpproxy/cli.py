@@ -45,7 +45,9 @@ With `-- CMD [ARG...]` (wrap mode) it runs CMD through the proxy on a free port,
 with proxy and CA variables set, and exits with CMD's status.
 
 `dumpproxy har [FILE...]` converts event streams to one HAR 1.2 document
-(see `dumpproxy har --help`). SIGHUP reloads the pattern files and reopens -o FILE."""
+(see `dumpproxy har --help`). `--replay FILE` answers requests from a capture instead of
+the network; `dumpproxy replay --list FILE...` shows what it can serve.
+SIGHUP reloads the pattern files and reopens -o FILE."""
 
 EPILOG = """\
 examples:
