@@ -35,6 +35,11 @@ _dumpproxy_options='
     --upstream-ca
     --isolate
     --no-browser-flags
+    --replay
+    --replay-miss
+    --replay-ignore-param
+    --replay-ignore-body
+    --record-for-replay
     --bodies
     --max-body-bytes
     --no-redact
@@ -75,12 +80,14 @@ _dumpproxy()
         fi
     fi
 
-    # `dumpproxy har [FILE...]`, `dumpproxy egress FILE...`: event files.
-    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har || ${COMP_WORDS[1]} == egress ]]; then
-        if [[ $cur == -* && ${COMP_WORDS[1]} == egress ]]; then
-            COMPREPLY=($(compgen -W '--fold-subdomains -h --help' -- "$cur"))
-        elif [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W '-h --help' -- "$cur"))
+    # `dumpproxy har [FILE...]`, `dumpproxy egress FILE...`, `dumpproxy replay --list FILE...`:
+    # event files.
+    if ((COMP_CWORD > 1)) && [[ ${COMP_WORDS[1]} == har || ${COMP_WORDS[1]} == egress || ${COMP_WORDS[1]} == replay ]]; then
+        if [[ $cur == -* ]]; then
+            local subopts='-h --help'
+            [[ ${COMP_WORDS[1]} == egress ]] && subopts='--fold-subdomains -h --help'
+            [[ ${COMP_WORDS[1]} == replay ]] && subopts='--list -h --help'
+            COMPREPLY=($(compgen -W "$subopts" -- "$cur"))
         elif declare -F _filedir >/dev/null 2>&1; then
             _filedir
         else
@@ -109,7 +116,7 @@ _dumpproxy()
 
     case $prev in
         --ignore-hosts-file | --allow-hosts-file | --egress-allow-file | --egress-deny-file | \
-            --upstream-ca | -o | --output)
+            --upstream-ca | -o | --output | --replay)
             if declare -F _filedir >/dev/null 2>&1; then
                 _filedir
             else
@@ -142,6 +149,10 @@ _dumpproxy()
             COMPREPLY=($(compgen -W 'json text' -- "$cur"))
             return
             ;;
+        --replay-miss)
+            COMPREPLY=($(compgen -W 'refuse forward' -- "$cur"))
+            return
+            ;;
         --completions)
             COMPREPLY=($(compgen -W 'bash zsh fish' -- "$cur"))
             return
@@ -157,7 +168,8 @@ _dumpproxy()
         -p | --listen-port | --ignore-hosts | --allow-hosts | --egress-allow | --egress-deny | \
             --check | --pattern-for | \
             --peek-timeout | --head-timeout | --response-timeout | --connect-timeout | \
-            --idle-timeout | --pool-idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth)
+            --idle-timeout | --pool-idle-timeout | --shutdown-grace | --max-body-bytes | --proxyauth | \
+            --replay-ignore-param)
             # A free-form value: nothing sensible to offer.
             return
             ;;
@@ -170,7 +182,7 @@ _dumpproxy()
     fi
     # the subcommand, as the first word
     if ((COMP_CWORD == 1)) && [[ $cur != -* ]]; then
-        COMPREPLY+=($(compgen -W 'har egress' -- "$cur"))
+        COMPREPLY+=($(compgen -W 'har egress replay' -- "$cur"))
     fi
 } &&
     complete -F _dumpproxy dumpproxy

@@ -31,6 +31,12 @@ function __fish_dumpproxy_egress
     test (count $tokens) -ge 2; and test "$tokens[2]" = egress
 end
 
+# True after "dumpproxy replay" (dumpproxy replay --list FILE...).
+function __fish_dumpproxy_replay
+    set -l tokens (commandline -opc)
+    test (count $tokens) -ge 2; and test "$tokens[2]" = replay
+end
+
 complete -c dumpproxy -f
 complete -c dumpproxy -n __fish_dumpproxy_wrapping -xa '(__fish_dumpproxy_wrapped)'
 complete -c dumpproxy -n 'test (count (commandline -opc)) -eq 1' -a har -d 'Convert event streams to one HAR 1.2 document'
@@ -40,7 +46,11 @@ complete -c dumpproxy -n __fish_dumpproxy_egress -F
 # egress's own option, offered as a word (the -l options below are the proxy's)
 complete -c dumpproxy -n '__fish_dumpproxy_egress; and string match -q -- "-*" (commandline -ct)' -a '--fold-subdomains' -d 'One pattern per registrable domain (Public Suffix List)'
 
-set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har; and not __fish_dumpproxy_egress'
+complete -c dumpproxy -n 'test (count (commandline -opc)) -eq 1' -a replay -d 'Show what replay files can serve (replay --list FILE...)'
+complete -c dumpproxy -n __fish_dumpproxy_replay -F
+complete -c dumpproxy -n __fish_dumpproxy_replay -a --list -d 'List what the files can serve'
+
+set -l opts -n 'not __fish_dumpproxy_wrapping; and not __fish_dumpproxy_har; and not __fish_dumpproxy_egress; and not __fish_dumpproxy_replay'
 
 complete -c dumpproxy $opts -l listen-host -x -a '(__fish_print_hostnames)' -d 'Address to bind (default 127.0.0.1)'
 complete -c dumpproxy $opts -s p -l listen-port -x -d 'Port to listen on, 0 for a free one (default 8080)'
@@ -74,6 +84,11 @@ complete -c dumpproxy $opts -s k -l ssl-insecure -d 'Do not verify upstream cert
 complete -c dumpproxy $opts -l upstream-ca -r -F -d 'Extra CA bundle trusted for upstream servers'
 complete -c dumpproxy $opts -l isolate -d 'Wrap mode: run the command in a network namespace whose only way out is dumpproxy'
 complete -c dumpproxy $opts -l no-browser-flags -d 'Wrap mode: add no proxy or CA pin switches to Chromium/Chrome'
+complete -c dumpproxy $opts -l replay -r -F -d 'Answer intercepted requests from a capture or HAR file (repeatable)'
+complete -c dumpproxy $opts -l replay-miss -x -a 'refuse forward' -d 'A request not in the replay files (default refuse)'
+complete -c dumpproxy $opts -l replay-ignore-param -x -d 'Query parameter left out when matching (repeatable)'
+complete -c dumpproxy $opts -l replay-ignore-body -d 'Match requests without their bodies'
+complete -c dumpproxy $opts -l record-for-replay -d 'Record what replay needs: bodies with no size cap'
 complete -c dumpproxy $opts -l bodies -d 'Include bodies in response events'
 complete -c dumpproxy $opts -l max-body-bytes -x -d 'Cap on each body kept in an event (default 65536)'
 complete -c dumpproxy $opts -l no-redact -d 'Show credential header values'

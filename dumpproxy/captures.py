@@ -39,17 +39,26 @@ class NotACapture(Exception):
     """A file with lines but not one dumpproxy event in them: the wrong file."""
 
 
+class Malformed(Exception):
+    """A malformed line in a file read strictly (FILE:LINE: why)."""
+
+
 class Input:
-    """Event lines from one file; a malformed line is skipped and reported as FILE:LINE.
+    """Event lines from one file; a malformed line is skipped and reported as FILE:LINE
+    (strict: it is an error, `Malformed`). While an event is being consumed, `line` and
+    `offset` say where it is in the file (its line number, the byte offset of its start).
 
     `start` reads up to the first event before anything is written, so that a file that
     holds none (a HAR document, a --format text capture) is an error, not an empty HAR;
     its warnings are held until then (one error says it all)."""
 
-    def __init__(self, name: str, f: IO[bytes], skipped: Skipped):
+    def __init__(self, name: str, f: IO[bytes], skipped: Skipped, strict: bool = False):
         self.name = name
         self.f = f
         self.skipped = skipped
+        self.strict = strict
+        self.line = 0
+        self.offset = 0
         self._held: list[str] | None = []  # warnings before the first event; None: shown
         self._first_line = b""  # the first non-blank line, to say what the file is
         self._lines = 0  # complete non-blank lines
@@ -86,15 +95,19 @@ class Input:
                "json convert"
 
     def _skip(self, number: int, why: str) -> None:
-        self.skipped.count += 1
         text = f"{self.name}:{number}: {why}"
+        if self.strict:
+            raise Malformed(text)
+        self.skipped.count += 1
         if self._held is None:
             self.skipped.show([text])
         elif len(self._held) <= MAX_WARNINGS:  # beyond that only counted
             self._held.append(text)
 
     def _read(self) -> Iterator[dict]:
+        offset = 0
         for number, line in enumerate(self.f, 1):
+            start, offset = offset, offset + len(line)
             if not line.endswith(b"\n"):
                 # the last line of a capture still being written (or cut off): not an event yet
                 self._skip(number, "incomplete last line")
@@ -112,6 +125,7 @@ class Input:
             if not isinstance(ev, dict) or not isinstance(ev.get("event"), str):
                 self._skip(number, "not a dumpproxy event")
                 continue
+            self.line, self.offset = number, start
             yield ev
 
     def close(self) -> None:

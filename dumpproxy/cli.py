@@ -34,7 +34,8 @@ dumpproxy [OPTIONS]                        run the proxy; events to stdout
        dumpproxy --completions bash|zsh|fish      print a shell completion script
        dumpproxy --schema                         print the JSON Schema of the events
        dumpproxy har [FILE...]                    convert event streams to HAR 1.2
-       dumpproxy egress [--fold-subdomains] FILE...  propose an egress allow file"""
+       dumpproxy egress [--fold-subdomains] FILE...  propose an egress allow file
+       dumpproxy replay --list FILE...            show what replay files can serve"""
 
 DESCRIPTION = """\
 Intercepting HTTP(S) proxy that writes one JSON object per line for every event
@@ -46,8 +47,9 @@ with proxy and CA variables set, and exits with CMD's status.
 
 `dumpproxy har [FILE...]` converts event streams to one HAR 1.2 document
 (see `dumpproxy har --help`); `dumpproxy egress FILE...` proposes an egress allow
-file from captures (--egress-allow-file). SIGHUP reloads the pattern files and
-reopens -o FILE."""
+file from captures (--egress-allow-file). `--replay FILE` answers requests from a
+capture instead of the network; `dumpproxy replay --list FILE...` shows what it can
+serve. SIGHUP reloads the pattern files and reopens -o FILE."""
 
 EPILOG = """\
 examples:
@@ -66,6 +68,7 @@ PATH_OPTIONS = {
     "ca_dir": "--ca-dir",
     "upstream_ca": "--upstream-ca",
     "output": "--output",
+    "replay": "--replay",
 }
 
 
@@ -171,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-browser-flags", action="store_true",
                    help="do not add the proxy and CA pin switches to a Chromium/Chrome "
                         "command")
+    y = p.add_argument_group("replay (a capture as the origin)")
+    y.add_argument("--replay", metavar="FILE", action="append", default=[],
+                   help="answer intercepted requests from this capture (made with "
+                        "--record-for-replay or --bodies) or HAR file; repeatable")
+    y.add_argument("--replay-miss", choices=("refuse", "forward"), default=None,
+                   help="a request not in the replay files: refuse (502 and an error; "
+                        "default) or forward it to the real destination")
+    y.add_argument("--replay-ignore-param", metavar="NAME", action="append", default=[],
+                   help="query parameter left out when matching; repeatable")
+    y.add_argument("--replay-ignore-body", action="store_true",
+                   help="match requests without their bodies")
+    y.add_argument("--record-for-replay", action="store_true",
+                   help="record what replay needs: --bodies with no --max-body-bytes cap")
     o = p.add_argument_group("output")
     o.add_argument("--bodies", action="store_true",
                    help="include request/response bodies in response events")
@@ -283,8 +299,8 @@ def _config(args: argparse.Namespace, sources: FilterSources, wrap: bool) -> Con
         ca_dir=args.ca_dir or default_ca_dir(),
         ssl_insecure=args.ssl_insecure,
         upstream_ca=args.upstream_ca,
-        bodies=args.bodies,
-        max_body_bytes=args.max_body_bytes,
+        bodies=args.bodies or args.record_for_replay,
+        max_body_bytes=sys.maxsize if args.record_for_replay else args.max_body_bytes,
         redact=not args.no_redact,
         proxyauth=args.proxyauth,
         output=args.output,
@@ -333,7 +349,8 @@ def event_loop_runner():
     return asyncio.run
 
 
-SUBCOMMANDS = ("har", "egress")  # `dumpproxy NAME ...`, dispatched by main() before the options
+# `dumpproxy NAME ...`, dispatched by main() before the options
+SUBCOMMANDS = ("har", "egress", "replay")
 
 
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str],
@@ -373,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         from dumpproxy.egress import main as egress_main
 
         return egress_main(argv[1:])
+    if argv[:1] == ["replay"]:
+        from dumpproxy.replaysource import main as replay_main
+
+        return replay_main(argv[1:])
     try:
         choose_parser(os.environ.get(PARSER_ENV))
     except ValueError as e:
@@ -433,6 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args, sources, wrap=command is not None)
     except UsageError as e:
         return _fail(str(e))
+    if args.replay:
+        from dumpproxy.replaysource import ReplayFileError, load, startup_lines
+
+        try:
+            cfg.replay = load(args.replay, args.replay_ignore_param, args.replay_ignore_body,
+                              args.replay_miss == "forward")
+        except ReplayFileError as e:
+            return _fail(str(e))
+        if cfg.verbosity >= 0:
+            for line in startup_lines(cfg.replay):
+                print(f"dumpproxy: warning: {line}", file=sys.stderr)
     try:
         ca = load_or_create_ca(cfg.ca_dir)
     except CAError as e:
@@ -475,6 +507,12 @@ def _check_combinations(args: argparse.Namespace, command: list[str] | None) -> 
             if given:
                 raise UsageError(f"{name} is for wrap mode: dumpproxy {name} [OPTIONS] "
                                  "-- CMD [ARG...]")
+    if not args.replay:
+        for name, given in (("--replay-miss", args.replay_miss is not None),
+                            ("--replay-ignore-param", bool(args.replay_ignore_param)),
+                            ("--replay-ignore-body", args.replay_ignore_body)):
+            if given:
+                raise UsageError(f"{name} is for replay: dumpproxy --replay FILE {name} ...")
     exits_at_once = [name for name, given in (
         ("--completions", args.completions is not None),
         ("--schema", args.schema),

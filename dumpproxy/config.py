@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dumpproxy.hostfilter import FilterSources
 from dumpproxy.modespec import ModeSpec
+from dumpproxy.replay import Replay
 
 REGULAR = ModeSpec("regular", "regular")
 
@@ -41,3 +42,5 @@ class Config:
     shutdown_grace: float = 5.0
     # SPEC §9.2: an idle upstream connection waits this long for another client (0: never)
     pool_idle_timeout: float = 15.0
+    # SPEC §9.3: the recorded exchanges of --replay FILE... (None: no replay)
+    replay: Replay | None = None

@@ -49,7 +49,7 @@ class Flow:
     """One recorded exchange: numbered, with its `request` and `response` events."""
 
     __slots__ = ("ctx", "flow", "method", "url", "http_version", "started", "request_bytes",
-                 "response_bytes", "req_body", "resp_body")
+                 "response_bytes", "req_body", "resp_body", "replayed")
 
     def __init__(self, ctx: Context, method: str, scheme: str, host: str, port: int,
                  path: str, http_version: str, header_items, started: float | None = None):
@@ -62,6 +62,7 @@ class Flow:
         self.started = time.monotonic() if started is None else started
         self.request_bytes = 0
         self.response_bytes = 0
+        self.replayed: str | None = None  # the replay source that answered it
         cfg = ctx.cfg
         self.req_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
         self.resp_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
@@ -96,6 +97,9 @@ class Flow:
             fields["server"] = server
         if aborted is not None:
             fields["aborted"] = aborted
+        if self.replayed is not None:
+            fields["replayed"] = True
+            fields["replay_source"] = self.replayed
         if self.req_body is not None and self.resp_body is not None:
             fields.update(self.req_body.fields("request_body"))  # type: ignore[typeddict-item]
             fields.update(self.resp_body.fields("response_body"))  # type: ignore[typeddict-item]

@@ -23,7 +23,10 @@ from dumpproxy.context import Context
 from dumpproxy.flows import Flow, build_url
 from dumpproxy.hostfilter import candidates
 from dumpproxy.http1 import Exchange, answer, refuse
+from dumpproxy.http1_replay import Forward, ForwardedExchange
+from dumpproxy.http1_replay import serve as replay_http1
 from dumpproxy.http1_wire import MAX_HEAD, Wire, protocol_error_text
+from dumpproxy.replay import Request as ReplayRequest
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import TLSRequest, Upstream, UpstreamError
 
@@ -58,12 +61,16 @@ class Target:
     # read: the first request is answered with it, and the error carries its flow.
     failure: UpstreamError | None = None
     told: bool = False  # the failure was given to a request
+    # replay: no connection until a miss is forwarded; then to this host and port
+    lazy: tuple[str, int] | None = None
 
     async def connection(self, ctx: Context) -> Upstream:
         if self.failure is not None:
             self.told = True
             raise self.failure
         up = self.upstream
+        if up is None and self.lazy is not None:
+            self.upstream = up = await ctx.open_upstream(*self.lazy, self.tls)
         assert up is not None
         if not up.reusable:
             up.release()
@@ -244,6 +251,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         check_head(req, items)
     except BadRequest as e:
         return refuse(ctx, h, client, "http", e.status, str(e), record())
+    fl: Flow | None = None
     # egress: judged on the name the client gave, before any connection or DNS lookup
     egress = ctx.egress(host, port) if pool is not None and ctx.services.filter.egress_on \
         else None
@@ -252,22 +260,34 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         ctx.decide(host, port, candidates(host, port), None, egress, fl.flow)
         answer(ctx, h, client, fl, 403, egress.refusal(address))
         return False
+    forward: Forward | None = None
+    replay = ctx.cfg.replay
+    if replay is not None:  # decided before any connection: replayed ones get none
+        if pool is None or not ctx.decide(host, port, candidates(host, port), None,
+                                          egress).passthrough:
+            fl = record()
+            asked = ReplayRequest(fl.method.upper(), scheme, host, port, path)
+            served = await replay_http1(ctx, h, client, req, items, replay, fl, asked)
+            if not isinstance(served, Forward):
+                return served
+            forward = served
     try:
         if pool is not None:
             up = await pool.get(scheme, host, port)
-            recorded = not ctx.decide(host, port, candidates(host, port, ip=up.ip_host),
-                                      None, egress).passthrough
+            recorded = fl is not None if replay is not None else not ctx.decide(
+                host, port, candidates(host, port, ip=up.ip_host), None, egress).passthrough
         else:
             up = await target.connection(ctx)  # type: ignore[union-attr]
             recorded = True
     except UpstreamError as e:
         # unreachable: decided on what is known without a connection
-        fl = record() if pool is None or not ctx.decide(
-            host, port, candidates(host, port), None, egress).passthrough else None
+        if fl is None and replay is None and (pool is None or not ctx.decide(
+                host, port, candidates(host, port), None, egress).passthrough):
+            fl = record()
         return refuse(ctx, h, client, e.stage, e.status, e.message,  # type: ignore[arg-type]
                       fl, address)
     if recorded:
-        fl = record()
+        fl = fl or record()
     else:  # passed through: counted, not recorded
         fl = None
         services.stats.requests += 1
@@ -283,4 +303,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
     if up.absolute_form:  # to an upstream proxy: absolute form, with its credentials
         wire_target = build_url(scheme, host, port, path).encode()
         out.extend(up.proxy_headers)
+    if forward is not None:
+        return await ForwardedExchange(ctx, h, client, req, up, wire_target, out, upgrade, fl,
+                                       events=forward.events).run()
     return await Exchange(ctx, h, client, req, up, wire_target, out, upgrade, fl).run()

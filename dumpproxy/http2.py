@@ -30,9 +30,13 @@ import h2.events
 import h2.exceptions
 
 from dumpproxy import headers as hdr
+from dumpproxy.addresses import join_host_port
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow
 from dumpproxy.h2conn import MAX_STREAMS, Connection, goaway, new_connection
+from dumpproxy.replay import MAX_REQUEST_BODY, Recorded
+from dumpproxy.replay import Request as ReplayRequest
+from dumpproxy.replaysource import BodyUnreadable, recorded_response
 from dumpproxy.schema import Aborted, Stage
 from dumpproxy.streams import Stream, StreamTimeout
 from dumpproxy.upstream import Upstream, UpstreamError
@@ -254,9 +258,10 @@ class Upstreams:
     when the current one said GOAWAY (or closed while idle). Streams wait in a queue while
     it is being opened."""
 
-    def __init__(self, bridge: H2Bridge, first: ServerSide):
+    def __init__(self, bridge: H2Bridge, first: ServerSide | None):
         self.bridge = bridge
-        self.servers: list[ServerSide] = [first]  # the first one, and any opened after
+        # the first one (none yet under replay: opened for a forwarded miss), and any after
+        self.servers: list[ServerSide] = [first] if first is not None else []
         self.current: ServerSide | None = first  # where new streams go; None: being opened
         self.queued: list[Pair] = []  # streams waiting for a fresh upstream connection
         self.connecting: asyncio.Future | None = None
@@ -322,10 +327,11 @@ class Upstreams:
 
     async def _connect(self) -> None:
         bridge = self.bridge
-        ctx, first = bridge.ctx, bridge.up
+        ctx = bridge.ctx
         try:
             try:
-                up = await ctx.open_upstream(first.host, first.port, (bridge.host, (H2_ALPN,)))
+                up = await ctx.open_upstream(bridge.dest_host, bridge.port,
+                                             (bridge.host, (H2_ALPN,)))
             except UpstreamError as e:
                 self._refuse_queued(e.stage, e.message)  # type: ignore[arg-type]
                 return
@@ -351,7 +357,7 @@ class Upstreams:
         queued, self.queued = self.queued, []
         bridge = self.bridge
         if not queued:
-            bridge.ctx.error(stage, message, address=bridge.up.address)
+            bridge.ctx.error(stage, message, address=bridge.address)
         for pair in queued:
             if bridge.client.pairs.get(pair.client_id) is pair:
                 bridge.refuse(pair, stage, message)
@@ -359,16 +365,28 @@ class Upstreams:
 
 
 class H2Bridge:
-    def __init__(self, ctx: Context, client: Stream, up: Upstream, scheme: str, host: str,
-                 authority: bytes | None = None):
+    def __init__(self, ctx: Context, client: Stream, up: Upstream | None, scheme: str,
+                 host: str, authority: bytes | None = None,
+                 destination: tuple[str, int] | None = None):
+        """up: the first upstream connection; None under replay (destination: where one
+        goes when a miss is forwarded)."""
         self.ctx = ctx
-        self.up = up  # the first upstream connection (its address names the events)
+        if up is not None:
+            destination = (up.host, up.port)
+        assert destination is not None
+        # where upstream connections go (their address names the events)
+        self.dest_host, self.port = destination
+        self.address = join_host_port(self.dest_host, self.port)
         self.scheme = scheme
         self.host = host  # as the HTTP/1 bridge names it: the SNI, else the CONNECT host
         self.authority = authority  # reverse mode: every request's :authority
         self.client = ClientSide(client, new_connection(client_side=False))
         self.upstreams = Upstreams(self, ServerSide(
-            up.stream, new_connection(client_side=True), up, self.client))
+            up.stream, new_connection(client_side=True), up, self.client)
+            if up is not None else None)
+        self.replay = ctx.cfg.replay
+        # streams whose request is read whole before it is matched (replay), by client id
+        self.matching: dict[int, ReplayRequest] = {}
         self.resets = ResetBudget()
         self._tasks: set[asyncio.Future] = set()
         self._end: asyncio.Future | None = None
@@ -400,10 +418,10 @@ class H2Bridge:
 
     async def run(self) -> None:
         self._end = asyncio.get_running_loop().create_future()
-        [first] = self.upstreams.servers
-        first.flush()
+        for first in self.upstreams.servers:
+            first.flush()
+            self.spawn(self.server_loop(first))
         self.client.flush()
-        self.spawn(self.server_loop(first))
         self.spawn(self._watch())
         client = self.spawn(self._client_loop())
         client.add_done_callback(lambda _: self._finish_bridge())
@@ -491,19 +509,31 @@ class H2Bridge:
         (as an HTTP/1 client would), and the error says so."""
         side = pair.up_side
         assert side is not None
-        message = f"no response from {self.up.address} within " \
+        message = f"no response from {self.address} within " \
                   f"{self.ctx.cfg.response_timeout:g} s"
-        self._error(message, pair, "upstream")
         try:
             side.conn.reset_stream(pair.up_id, h2.errors.ErrorCodes.CANCEL)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
+        self._answer(pair, 504, message, "upstream")
+
+    def _answer(self, pair: Pair, status: int, message: str, stage: Stage) -> None:
+        """dumpproxy answers the stream itself: an `error` and the message as the body."""
+        self._error(message, pair, stage)
         body = (message + "\n").encode()
-        pair.status, pair.phase = 504, Phase.ANSWERED
-        pair.resp_headers = [(b"content-type", b"text/plain; charset=utf-8"),
-                             (b"content-length", str(len(body)).encode())]
-        self._send_headers(self.client, pair.client_id, [(b":status", b"504"),
-                                                          *pair.resp_headers])
+        self._respond(pair, status, [(b"content-type", b"text/plain; charset=utf-8"),
+                                     (b"content-length", str(len(body)).encode())], body)
+
+    def _respond(self, pair: Pair, status: int, headers: list, body: bytes) -> None:
+        """A response of dumpproxy's own (or the record's) to the client's stream."""
+        pair.status, pair.phase = status, Phase.ANSWERED
+        pair.resp_headers = headers
+        self._send_headers(self.client, pair.client_id,
+                           [(b":status", str(status).encode()), *headers], end_stream=not body)
+        if not body:
+            pair.down.state = Leg.CLOSED
+            self._finish(pair)
+            return
         pair.down.chunks.append([body, 0])
         pair.down.state = Leg.ENDED
         self._pump(self.client, pair)
@@ -512,7 +542,7 @@ class H2Bridge:
         """The origin stopped mid-body for the idle timeout: the stream is cut both ways."""
         side = pair.up_side
         assert side is not None
-        self._error(f"{self.up.address} stalled mid-response: no data for "
+        self._error(f"{self.address} stalled mid-response: no data for "
                     f"{self.ctx.cfg.idle_timeout:g} s", pair, "upstream")
         for conn, sid in ((side.conn, pair.up_id), (self.client.conn, pair.client_id)):
             try:
@@ -614,7 +644,7 @@ class H2Bridge:
     # -- ending connections --
     def _error(self, message: str, pair: Pair | None = None, stage: Stage = "http2") -> None:
         flow = pair.flow.flow if pair is not None and pair.flow is not None else None
-        self.ctx.error(stage, message, flow=flow, address=self.up.address)
+        self.ctx.error(stage, message, flow=flow, address=self.address)
 
     def _server_broke(self, side: ServerSide, message: str) -> None:
         """An upstream connection broke with streams open: the whole bridge ends (the
@@ -708,7 +738,7 @@ class H2Bridge:
         pseudo = _pseudo(headers)
         method = pseudo.get(b":method", b"").decode("latin-1")
         path = pseudo.get(b":path", b"/").decode("latin-1")
-        flow = Flow(self.ctx, method, self.scheme, self.host, self.up.port, path,
+        flow = Flow(self.ctx, method, self.scheme, self.host, self.port, path,
                     "HTTP/2.0", _regular(headers))
         out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
             _regular(headers))
@@ -719,6 +749,12 @@ class H2Bridge:
         if ev.stream_ended is not None:
             pair.up.state = Leg.ENDED
         self.client.pairs[ev.stream_id] = pair
+        if self.replay is not None:  # matched once its body is in (SPEC §9.3)
+            self.matching[ev.stream_id] = ReplayRequest(
+                method.upper(), self.scheme, self.host, self.port, path)
+            if pair.up.state is Leg.ENDED:
+                self._replay(pair)
+            return
         self.upstreams.place(pair)
 
     def attach(self, pair: Pair, side: ServerSide) -> None:
@@ -788,6 +824,14 @@ class H2Bridge:
         target, _ = side.target(pair)
         if target is not None:  # else: its upstream is being opened
             self._pump(target, pair)
+        elif ev.stream_id in self.matching and side is self.client:
+            # its body is read whole before it is matched: acknowledged as it comes
+            side.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            pair.up.chunks[-1][1] = 0
+            if sum(len(c[0]) for c in pair.up.chunks) > MAX_REQUEST_BODY:
+                del self.matching[ev.stream_id]
+                self._answer(pair, 413, f"request body over {MAX_REQUEST_BODY} bytes: too "
+                             "large to match against the replay files", "replay")
 
     def _ended(self, side: Side, sid: int) -> None:
         pair = side.pairs.get(sid)
@@ -800,6 +844,40 @@ class H2Bridge:
         target, _ = side.target(pair)
         if target is not None:
             self._pump(target, pair)
+        elif sid in self.matching and side is self.client:
+            self._replay(pair)
+
+    # -- replay (SPEC §9.3) --
+    def _replay(self, pair: Pair) -> None:
+        """A request read whole: answered from the record, refused, or forwarded."""
+        replay, rq = self.replay, self.matching.pop(pair.client_id)
+        assert replay is not None and pair.flow is not None
+        body = b"".join(c[0] for c in pair.up.chunks)
+        rec = replay.match(rq, body)
+        if rec is None and replay.forward:
+            self.upstreams.place(pair)
+            return
+        pair.flow.request_data(body)
+        pair.up.chunks.clear()
+        if rec is None:
+            self._answer(pair, 502, replay.miss_message(rq), "replay")
+            return
+        self.spawn(self._serve_recorded(pair, rec, rq.method))
+
+    async def _serve_recorded(self, pair: Pair, rec: Recorded, method: str) -> None:
+        """The recorded response, once its body is read."""
+        try:
+            headers, data = await recorded_response(rec, method)
+        except BodyUnreadable as e:
+            if self.client.pairs.get(pair.client_id) is pair:
+                self._answer(pair, 502, str(e), "replay")
+                self.flush_all()
+            return
+        if self.client.pairs.get(pair.client_id) is not pair or pair.flow is None:
+            return  # reset while its body was read
+        pair.flow.replayed = rec.source
+        self._respond(pair, rec.status, headers, data)
+        self.flush_all()
 
     def _pump(self, target: Side, pair: Pair) -> None:
         """Send what target's window allows of the pair's data for it; acknowledge it to
@@ -820,7 +898,7 @@ class H2Bridge:
                 if n < len(data):
                     piece = data[:n]
                     item[0] = data[n:]
-                    ack = n
+                    ack = min(n, item[1])  # less when acknowledged already (replay)
                 else:
                     piece = data
                     leg.chunks.popleft()
@@ -911,6 +989,8 @@ class H2Bridge:
         pair = side.pairs.get(ev.stream_id)
         if pair is None:
             return False
+        if side is self.client:
+            self.matching.pop(ev.stream_id, None)  # replay: no longer to be matched
         other, oid = side.target(pair)
         if other is not None:
             try:

@@ -27,6 +27,7 @@ Stage = Literal[
     "internal",  # a bug in dumpproxy (costs one connection)
     "relay",  # a passed-through tunnel or upgraded connection broke
     "reload",  # SIGHUP: a pattern file could not be loaded, or -o FILE not reopened
+    "replay",  # a request not in the --replay files (it names the closest recorded ones)
     "server_connect",  # the destination could not be reached
     "server_tls",  # TLS with the destination failed (e.g. untrusted certificate)
     "socks5",  # a malformed or refused SOCKS5 handshake or request
@@ -186,6 +187,9 @@ class Response(_ResponseHead, total=False):
                            "answered before reaching the destination)"]
     aborted: Annotated[Aborted, "the exchange was cut before its end: who cut it (the "
                                 "byte counts say how far it got)"]
+    replayed: Annotated[Literal[True], "answered from a --replay file, not the destination"]
+    replay_source: Annotated[str, "the recorded exchange that answered it: FILE:LINE of "
+                                  "a capture, FILE#entry N of a HAR file"]
     request_body: Annotated[str, "UTF-8 text, or base64 (see request_body_encoding)"]
     request_body_encoding: Literal["base64"]
     request_body_truncated: Literal[True]

@@ -101,7 +101,8 @@ async def serve(ctx: Context, client: Stream, dest: Destination) -> None:
                 return
     pooled = ctx.pooled_address(dest.host, dest.port) if dest.lazy else None
     up = None
-    if pooled is None and dest.judged:
+    if pooled is None and dest.judged and not (dest.lazy and ctx.cfg.replay is not None):
+        # replay: a connection is made only when a request is forwarded (SPEC §9.3)
         try:  # a fresh connection: what the client will send on it is not known yet
             up = await ctx.open_upstream(dest.host, dest.port, reuse=False)
         except UpstreamError as e:
@@ -186,6 +187,13 @@ class Tunnel:
         # The first bytes are needed anyway (TLS or plaintext): the decision names the SNI
         # and Host the client sent, patterns or not, at no cost in latency.
         data, peek = await self._peek()
+        if not data and self._replayed_here(dest.host):
+            # replay: a client silent so far (a browser's spare connection) may speak until
+            # the head timeout; the destination is never asked for a silent one
+            data, peek = await peek_first_bytes(self.client,
+                                                self.opened + self.cfg.head_timeout)
+            if not data:
+                return
         decision = ctx.decide(dest.host, dest.port, candidates(
             dest.host, dest.port, ip=self.ip_host, sni=peek.sni,
             host_header=peek.host if dest.host_header else None), peek.sni, self.egress)
@@ -248,7 +256,9 @@ class Tunnel:
                 pass  # no usable name: the address it is
         failure = None
         try:
-            await self._connect((dest.host, (HTTP1_ALPN,)) if dest.scheme == "https" else None)
+            if self.up is not None or self.cfg.replay is None:  # else: when forwarded
+                await self._connect((dest.host, (HTTP1_ALPN,)) if dest.scheme == "https"
+                                    else None)
         except UpstreamError as e:  # told to the client's first request
             self._drop_upstream()
             failure = e
@@ -295,6 +305,20 @@ class Tunnel:
         up = await self._connect((name, tuple(p for p in offered if p in SUPPORTED_ALPN)))
         return up.tls.ssl.selected_alpn_protocol() if up.tls is not None else None
 
+    def _replayed_here(self, name: str) -> bool:
+        """Under replay, with no connection made: the destination is served from the
+        record, or a miss would not be forwarded anyway."""
+        replay = self.cfg.replay
+        return replay is not None and self.up is None and (
+            not replay.forward or replay.serves(name, self.dest.port))
+
+    def _replay_alpn(self, name: str, offered: tuple[str, ...]) -> tuple[str, ...] | None:
+        """Under replay: the client's ALPN chosen here (h2 when offered) when the
+        destination is not to be asked (`_replayed_here`); None: settled with it."""
+        if self.dest.scheme == "http" or not self._replayed_here(name):
+            return None
+        return tuple(p for p in (H2_ALPN, HTTP1_ALPN) if p in offered)[:1]
+
     async def intercept_tls(self, peek: Peek) -> None:
         ctx, address = self.ctx, self.dest.address
         if not usable_sni(ctx, peek.sni, address):
@@ -306,6 +330,9 @@ class Tunnel:
         async def offer() -> tuple[str, ...]:
             # ALPN is settled upstream first, so that both sides speak the same protocol.
             nonlocal upstream_error
+            local = self._replay_alpn(name, offered)
+            if local is not None:
+                return local
             try:
                 chosen = await self._upstream_tls(name, offered)
             except UpstreamError as e:
@@ -343,11 +370,12 @@ class Tunnel:
             from dumpproxy.http2 import H2Bridge  # h2 costs startup time: load on first use
 
             up = self.up
-            assert up is not None
             try:
-                await H2Bridge(self.ctx, ctls, up, scheme, name, self.dest.authority).run()
+                await H2Bridge(self.ctx, ctls, up, scheme, name, self.dest.authority,
+                               (self.dest.host, self.dest.port)).run()
             finally:
-                up.release()
+                if up is not None:
+                    up.release()
             return
         # Reconnects for HTTP/1 clients must not end up speaking h2 upstream.
         await self._http1(ctls, scheme, name,
@@ -361,8 +389,12 @@ class Tunnel:
         dest, up = self.dest, self.up
         self.up = None
         tls = (name, alpn) if up is not None and up.tls else None  # how to reconnect
+        lazy = None
+        if up is None and failure is None:  # replay: connected for a forwarded miss
+            lazy = (dest.host, dest.port)
+            tls = (name, alpn) if scheme == "https" else None
         target = Target(scheme, name, dest.port, None if failure else up, tls,
-                        dest.authority, failure)
+                        dest.authority, failure, lazy=lazy)
         try:
             await serve_http1(self.ctx, client, target)
         finally:

@@ -465,7 +465,9 @@ def nss_db(home: Path, *cas: tuple[str, str | Path]) -> None:
 
 
 def chromium(proxy: DumpProxy, pki, profile: Path, url: str,
-             trust: str = "pin") -> subprocess.Popen:
+             trust: str = "pin", extra: tuple[str, ...] = (),
+             stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """extra: more switches (e.g. --dump-dom, whose DOM comes on stdout=PIPE)."""
     # Only *.test goes through the proxy; nothing else resolves (no query leaves the host).
     pac = ("function FindProxyForURL(url, host) { return dnsDomainIs(host, '.test') ? "
            f"'PROXY 127.0.0.1:{proxy.port}' : 'DIRECT'; }}")
@@ -485,8 +487,8 @@ def chromium(proxy: DumpProxy, pki, profile: Path, url: str,
          f"--user-data-dir={profile}",
          "--proxy-pac-url=data:application/x-ns-proxy-autoconfig;base64,"
          + base64.b64encode(pac.encode()).decode(),
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *trust_args, url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", *trust_args, *extra, url],
+        stdout=stdout, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def stop_chromium(proc: subprocess.Popen) -> None:
