@@ -361,7 +361,7 @@ def test_example_bench_commands():
     take. The micro-benchmarks the README names are in bench/."""
     commands = shell_commands(marked_blocks()["bench-commands"])
     assert commands == ["bash ../shared/bench/setup.sh",
-                        "python3 ../shared/bench/bench.py --repeat 3"]
+                        "python3 ../shared/bench/bench.py --rounds 3"]
     text = " ".join(README.read_text().split())
     assert "not part of this repository" in text and "`../shared/bench/`" in text
     scripts = re.findall(r"`python (bench/\w+\.py)`", README.read_text())
