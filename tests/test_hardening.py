@@ -841,12 +841,15 @@ def test_odd_request_heads_are_refused_never_forwarded(dumpproxy, origin):
     assert not origin.requests and not p.of("server_connect")
     assert len(p.of("error")) == len(cases) + 1
     # a request whose head was read whole is in the record with the answer it got; another
-    # HTTP version cannot be written as one, and a head cut at the cap was never read whole
+    # HTTP version cannot be written as one, and a head cut at the cap was never read whole.
+    # The segmented head is read whole when its pieces pile up in the socket before the
+    # proxy reads (a loaded machine): then it is recorded too, with the same 431.
     p.wait_for(lambda e: e["event"] == "response", count=3)
     answered = [(e["status"], e["url"]) for e in p.of("response")]
     url = f"http://127.0.0.1:{origin.port}/small"
-    assert answered == [(431, url), (400, url), (400, url)]
-    assert len(p.of("request")) == 3
+    assert answered[:3] == [(431, url), (400, url), (400, url)]
+    assert answered[3:] in ([], [(431, url)]), answered
+    assert len(p.of("request")) == len(answered)
     finish(p)
 
 
