@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import orjson
 
-from dumpproxy import __version__
+from dumpproxy import __version__, allocator
 from dumpproxy.certs import CAError, default_ca_dir, load_or_create_ca
 from dumpproxy.config import Config
 from dumpproxy.hostfilter import FilterSources, HostFilter, PatternError, exact_pattern
@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = sys.stdout.fileno()
     from dumpproxy.runner import run
 
+    allocator.tune()  # bulk chunks stay on the heap (see allocator.py)
     try:
         return event_loop_runner()(run(cfg, hf, ca, fd, command))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

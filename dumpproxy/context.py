@@ -6,6 +6,7 @@ every layer that serves the connection, so that no lower module reaches up to th
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -96,6 +97,9 @@ class Context:
         peer = stream.peername or ("?", 0)
         self.client = join_host_port(peer[0], peer[1])  #: `client` in events
         self.started = time.monotonic()
+        # Asked once per connection: on Python 3.11 get_running_loop() (and so
+        # ensure_future) makes a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self.upstreams: set[Upstream] = set()  #: open upstream connections, closed with it
         # While set, whoever serves the connection says whether it may be closed now, in a
         # shutdown (nothing in flight: a keep-alive connection waiting for its next request).

@@ -148,7 +148,7 @@ class Exchange:
                     up.wire.send(up.stream, first)
                     await up.stream.drain()
                 return await self._download(None)
-            upload = asyncio.ensure_future(self._upload(first))
+            upload = self.ctx.loop.create_task(self._upload(first))
             return await self._with_upload(upload)
         except asyncio.CancelledError:
             await _settle(upload)
@@ -168,7 +168,7 @@ class Exchange:
     async def _with_upload(self, upload: asyncio.Task) -> bool:
         """The response is read while the request body still goes up; whichever side
         fails first ends the exchange at once."""
-        down = asyncio.ensure_future(self._download(upload))
+        down = self.ctx.loop.create_task(self._download(upload))
         try:
             await asyncio.wait({down, upload}, return_when=asyncio.FIRST_COMPLETED)
             if not down.done():  # the body is up (or the client failed): the response next

@@ -396,7 +396,7 @@ class H2Bridge:
 
     # -- tasks --
     def spawn(self, coro) -> asyncio.Future:
-        task = asyncio.ensure_future(coro)
+        task = self.ctx.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -417,7 +417,7 @@ class H2Bridge:
             self._end.set_result(None)
 
     async def run(self) -> None:
-        self._end = asyncio.get_running_loop().create_future()
+        self._end = self.ctx.loop.create_future()
         for first in self.upstreams.servers:
             first.flush()
             self.spawn(self.server_loop(first))

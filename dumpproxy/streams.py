@@ -64,6 +64,8 @@ def _timeout_waiter(fut: asyncio.Future) -> None:
 
 class SocketStream(asyncio.Protocol, Stream):
     def __init__(self) -> None:
+        # Asked once: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -154,7 +156,7 @@ class SocketStream(asyncio.Protocol, Stream):
                 if self._exc is not None:
                     raise ConnectionResetError(str(self._exc) or "connection reset")
                 return b""
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._read_waiter = fut = loop.create_future()
             timer = loop.call_later(timeout, _timeout_waiter, fut) if timeout else None
             try:
@@ -196,7 +198,7 @@ class SocketStream(asyncio.Protocol, Stream):
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
         if not self._wbuf:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._wbuf.append(data)
 
     def flush(self) -> None:
@@ -214,7 +216,7 @@ class SocketStream(asyncio.Protocol, Stream):
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._write_paused:
-            fut = asyncio.get_running_loop().create_future()
+            fut = self._loop.create_future()
             self._drain_waiters.append(fut)
             await fut
 
@@ -250,10 +252,10 @@ class SocketStream(asyncio.Protocol, Stream):
             return
         self.mark("proxy_closed")
         self.write_eof()
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = self._loop.time() + timeout
         try:
             while not self._eof:
-                remaining = deadline - asyncio.get_running_loop().time()
+                remaining = deadline - self._loop.time()
                 if remaining <= 0:
                     break
                 self._chunks.clear()
