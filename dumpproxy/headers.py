@@ -47,8 +47,12 @@ def header_object(items: Iterable[tuple[bytes, bytes]], redact_credentials: bool
     """Event `headers`: lower-case names, repeats joined (", " or "\\n" for set-cookie)."""
     out: dict[str, str] = {}
     for raw_name, raw_value in items:
-        name = text(raw_name).lower()
-        value = text(raw_value)
+        try:  # text() inlined for the common case: both UTF-8
+            name = raw_name.decode().lower()
+            value = raw_value.decode()
+        except UnicodeDecodeError:
+            name = text(raw_name).lower()
+            value = text(raw_value)
         if redact_credentials and name in CREDENTIAL_HEADERS:
             value = redact(name, value)
         if name in out:
@@ -56,6 +60,51 @@ def header_object(items: Iterable[tuple[bytes, bytes]], redact_credentials: bool
         else:
             out[name] = value
     return out
+
+
+class Facts:
+    """What the HTTP/1 bridge asks of one head's fields, found in a single pass (each name
+    lowered once): the first Transfer-Encoding, Content-Length and Upgrade values, whether
+    Host is present, and the names and options listed in Connection."""
+
+    __slots__ = ("transfer_encoding", "content_length", "upgrade", "host", "connection")
+
+    def __init__(self, items: Iterable[tuple[bytes, bytes]]):
+        te = cl = upgrade = None
+        host = False
+        tokens: set[bytes] = set()
+        for name, value in items:
+            n = name.lower()
+            if n in _NOTED:
+                if n == b"transfer-encoding":
+                    te = value if te is None else te
+                elif n == b"content-length":
+                    cl = value if cl is None else cl
+                elif n == b"connection":
+                    tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+                elif n == b"upgrade":
+                    upgrade = value if upgrade is None else upgrade
+                else:
+                    host = True
+        self.transfer_encoding: bytes | None = te
+        self.content_length: bytes | None = cl
+        self.upgrade: bytes | None = upgrade
+        self.host = host
+        self.connection = tokens
+
+    @property
+    def framing_conflict(self) -> bool:
+        """Both Content-Length and Transfer-Encoding: a smuggling shape (SPEC §7)."""
+        return self.transfer_encoding is not None and self.content_length is not None
+
+    @property
+    def wants_upgrade(self) -> bool:
+        """An Upgrade field with `Connection: upgrade` (a WebSocket handshake, say)."""
+        return self.upgrade is not None and b"upgrade" in self.connection
+
+
+_NOTED = frozenset({b"transfer-encoding", b"content-length", b"connection", b"upgrade",
+                    b"host"})
 
 
 def connection_tokens(items: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -68,16 +117,21 @@ def connection_tokens(items: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 def forwardable(
-    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False, http2: bool = False
+    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False, http2: bool = False,
+    tokens: set[bytes] | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """Headers to forward to the next hop: hop-by-hop and Connection-named fields removed
     (never the framing ones).
 
     With keep_upgrade, `Upgrade` and `Connection: upgrade` survive so that a WebSocket
     handshake reaches the origin. With http2, the fields HTTP/2 forbids go too, except
-    `te: trailers`, which HTTP/2 allows (and gRPC needs).
+    `te: trailers`, which HTTP/2 allows (and gRPC needs). tokens: the Connection names,
+    when the caller has them (`Facts.connection`).
     """
-    drop = (connection_tokens(items) - FRAMING) | (H2_FORBIDDEN if http2 else HOP_BY_HOP)
+    if tokens is None:
+        tokens = connection_tokens(items)
+    base = H2_FORBIDDEN if http2 else HOP_BY_HOP
+    drop = base | (tokens - FRAMING) if tokens else base
     if keep_upgrade:
         drop = drop - {b"upgrade"}
     out = [(n, v) for n, v in items if n.lower() not in drop
@@ -108,14 +162,17 @@ def framing_conflict(items: Iterable[tuple[bytes, bytes]]) -> bool:
         header_value(items, b"content-length") is not None
 
 
-def body_length(method: str | bytes, status: int, items: list[tuple[bytes, bytes]]) -> int | None:
+def body_length(method: str | bytes, status: int, items: list[tuple[bytes, bytes]],
+                facts: Facts | None = None) -> int | None:
     """A response body's exact length when the head fixes it (0 for HEAD, 1xx, 204, 304;
     Content-Length otherwise), None when the body is chunked or runs to the close."""
     if method in ("HEAD", b"HEAD") or status < 200 or status in (204, 304):
         return 0
-    if header_value(items, b"transfer-encoding") is not None:
+    if facts is None:
+        facts = Facts(items)
+    if facts.transfer_encoding is not None:
         return None
-    value = header_value(items, b"content-length")
+    value = facts.content_length
     if value is None or not value.strip().isdigit():
         return None
     return int(value)

@@ -298,18 +298,21 @@ class Exchange:
             break
         resp: wire.Response = ev
         rh = list(resp.headers.raw_items())
-        if hdr.framing_conflict(rh):
+        facts = hdr.Facts(rh)
+        if facts.framing_conflict:
             raise BadResponse(f"{self.up.address} sent both Content-Length and "
                               "Transfer-Encoding")
         self.status = resp.status_code
         self.head = (resp.reason, rh)
-        self._to_client(wire.response(resp.status_code, hdr.forwardable(rh), resp.reason))
+        self._to_client(wire.response(resp.status_code,
+                                      hdr.forwardable(rh, tokens=facts.connection),
+                                      resp.reason))
         self.phase = Phase.RESPONSE
-        length = hdr.body_length(self.req.method, resp.status_code, rh)
+        length = hdr.body_length(self.req.method, resp.status_code, rh, facts)
         if length is not None:
             overran = await self._copy_body(length)
-            keep_up = not overran and resp.http_version >= b"1.1" and not hdr.has_token(
-                rh, b"connection", b"close")
+            keep_up = not overran and resp.http_version >= b"1.1" and \
+                b"close" not in facts.connection
         else:
             await self._parsed_body(rh)
             keep_up = None

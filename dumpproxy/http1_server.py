@@ -127,7 +127,7 @@ def check_version(req: wire.Request) -> None:
         raise BadRequest(f"HTTP/{version} is not supported on an HTTP/1 connection", 505)
 
 
-def check_head(req: wire.Request, items: list[tuple[bytes, bytes]]) -> None:
+def check_head(req: wire.Request, items: list[tuple[bytes, bytes]], facts: hdr.Facts) -> None:
     """What the parser lets through but a proxy must not forward: a head over the cap that
     arrived in one piece (the cap must not depend on segmentation), a framing field spelled
     with `_` (back ends that fold `_` into `-` would see a second framing header:
@@ -140,7 +140,7 @@ def check_head(req: wire.Request, items: list[tuple[bytes, bytes]]) -> None:
                              "field: refused")
     if size > MAX_HEAD:
         raise BadRequest(f"request head larger than {MAX_HEAD} bytes", 431)
-    if hdr.framing_conflict(items):
+    if facts.framing_conflict:
         raise BadRequest("request has both Content-Length and Transfer-Encoding")
 
 
@@ -247,8 +247,9 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
 
     if denied:
         return refuse(ctx, h, client, "auth", 407, denied, record(), extra=auth.CHALLENGE)
+    facts = hdr.Facts(items)
     try:
-        check_head(req, items)
+        check_head(req, items, facts)
     except BadRequest as e:
         return refuse(ctx, h, client, "http", e.status, str(e), record())
     fl: Flow | None = None
@@ -291,13 +292,12 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
     else:  # passed through: counted, not recorded
         fl = None
         services.stats.requests += 1
-    upgrade = hdr.header_value(items, b"upgrade") is not None and hdr.has_token(
-        items, b"connection", b"upgrade")
-    out = hdr.forwardable(items, keep_upgrade=upgrade)
+    upgrade = facts.wants_upgrade
+    out = hdr.forwardable(items, keep_upgrade=upgrade, tokens=facts.connection)
     if target is not None and target.authority is not None:  # reverse mode
         out = [(n, v) for n, v in out if n.lower() != b"host"]
         out.insert(0, (b"Host", target.authority))
-    elif hdr.header_value(out, b"host") is None:
+    elif not facts.host or hdr.header_value(out, b"host") is None:
         out.insert(0, (b"Host", join_host_port(host, port).encode()))
     wire_target = path.encode()
     if up.absolute_form:  # to an upstream proxy: absolute form, with its credentials

@@ -280,6 +280,7 @@ class TLSStream(Stream):
         self._in = incoming
         self._out = outgoing
         self._closed_tls = False
+        self._read_closed = False  # the peer's close_notify (or EOF) was read
         self._pending: deque[bytes] = deque()
         self.bytes_in = 0  # plaintext received (the peer's application data)
 
@@ -325,25 +326,28 @@ class TLSStream(Stream):
             return self._pending.popleft()
         parts: list[bytes] = []
         size = 0
+        sslobj, incoming = self.ssl, self._in
         while True:
-            try:
-                data = self.ssl.read(TLS_RECORD)
-            except ssl.SSLWantReadError:
+            if not (incoming.pending or incoming.eof or sslobj.pending() or self._read_closed):
+                # Nothing left to decrypt: a read would only raise SSLWantReadError (an
+                # exception per call costs more than the record itself).
                 if parts:
                     break
-                out = self._out.read()  # e.g. TLS 1.3 key update answers
-                if out:
-                    self.inner.write(out)
-                chunk = await self.inner.read(timeout)
-                if chunk:
-                    self._in.write(chunk)
-                else:
-                    self._in.write_eof()
+                await self._receive(timeout)
+                continue
+            try:
+                data = sslobj.read(TLS_RECORD)
+            except ssl.SSLWantReadError:  # a partial record, or a handshake message
+                if parts:
+                    break
+                await self._receive(timeout)
                 continue
             except ssl.SSLZeroReturnError:  # close_notify: an orderly close
+                self._read_closed = True
                 self.mark("peer_closed")
                 data = b""
             except ssl.SSLEOFError:
+                self._read_closed = True
                 data = b""
             except ssl.SSLError as e:  # a broken record or a fatal alert: the peer's fault
                 raise ConnectionResetError(f"TLS error: {e.reason or e}") from None
@@ -357,6 +361,18 @@ class TLSStream(Stream):
             return b""
         self.bytes_in += size
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _receive(self, timeout: float | None) -> None:
+        """More records from below (after sending what TLS has to say, e.g. a key update's
+        answer); the peer's EOF is given to TLS."""
+        out = self._out.read()
+        if out:
+            self.inner.write(out)
+        chunk = await self.inner.read(timeout)
+        if chunk:
+            self._in.write(chunk)
+        else:
+            self._in.write_eof()
 
     def unread(self, data: bytes) -> None:
         if data:
