@@ -335,6 +335,30 @@ def test_leaf_is_cached_per_host(dumpproxy, tls_origin, pki):
         assert tls.getpeercert(binary_form=True) == ders[0]
 
 
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_returning_client_resumes_its_session(dumpproxy, tls_origin, pki, version):
+    """Leaf contexts are kept per name, so a client that kept its session (a ticket)
+    resumes on its next connection: no certificate, no signature. TLS 1.3 clients get one
+    ticket per connection, with the first reply."""
+    dp = dumpproxy("--upstream-ca", str(pki.ca_path))
+    cafile = ca_cert_path(dp)
+    target = f"127.0.0.1:{tls_origin.port}"
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    with ctx.wrap_socket(open_tunnel(dp.port, target), server_hostname="localhost") as tls:
+        assert get(tls, "localhost") == b"hello\n"
+        assert not tls.session_reused
+        session = tls.session
+    assert session is not None and session.has_ticket
+    with ctx.wrap_socket(open_tunnel(dp.port, target), server_hostname="localhost",
+                         session=session) as tls:
+        assert tls.session_reused
+        assert tls.version() == version.replace("_", ".")
+        assert get(tls, "localhost") == b"hello\n"
+    dp.stop()
+    assert len(dp.of("tls", side="client")) == 2  # each connection still has its event
+
+
 # --- the CA on disk ------------------------------------------------------------------------
 
 
