@@ -22,6 +22,7 @@ HIGH_WATER = 1024 * 1024  # pause reading from a socket whose data nobody consum
 TLS_READ_MAX = 256 * 1024  # gather decrypted records up to this much per read()
 TLS_RECORD = 16384  # one record's plaintext at most: a read of this size never over-allocates
 WRITE_HIGH_WATER = 512 * 1024
+FLUSH_AT = 64 * 1024  # written bytes up to this wait for the end of the loop's step
 LINGER = 2.0  # an orderly close waits this long for the peer's own close (no reset)
 
 
@@ -83,6 +84,7 @@ class SocketStream(asyncio.Protocol, Stream):
         # Writes made in one step of a task go out in one send: a response head and the
         # first body bytes, say (each send on loopback costs the receiver's work too).
         self._wbuf: list[bytes] = []
+        self._wsize = 0  # bytes in _wbuf
         # told when the connection is lost (an exchange waiting on the other side of the
         # proxy learns at once that its client is gone)
         self.on_lost: Callable[[], None] | None = None
@@ -200,19 +202,24 @@ class SocketStream(asyncio.Protocol, Stream):
         if not self._wbuf:
             self._loop.call_soon(self.flush)
         self._wbuf.append(data)
+        self._wsize += len(data)
+        if self._wsize >= FLUSH_AT:
+            self.flush()
 
     def flush(self) -> None:
-        """Send what was written (it goes by itself at the end of the task's step)."""
+        """Send what was written (it goes by itself at the end of the loop's step)."""
         buf = self._wbuf
         if not buf:
             return
         self._wbuf = []
+        self._wsize = 0
         t = self.transport
         if t is not None and not self._lost and not t.is_closing():
             t.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     async def drain(self) -> None:
-        self.flush()
+        # Small writes stay buffered until the end of this step of the loop, where what
+        # else was written joins them (a response and the close_notify after it, say).
         if self._lost:
             raise ConnectionResetError("connection lost")
         if self._write_paused:
@@ -238,6 +245,7 @@ class SocketStream(asyncio.Protocol, Stream):
     def abort(self) -> None:
         self.mark("proxy_closed")
         self._wbuf = []
+        self._wsize = 0
         if self.transport is not None:
             self.transport.abort()
 
@@ -281,6 +289,7 @@ class TLSStream(Stream):
         self._out = outgoing
         self._closed_tls = False
         self._read_closed = False  # the peer's close_notify (or EOF) was read
+        self._hold_out = False  # what TLS writes unasked waits for our next write
         self._pending: deque[bytes] = deque()
         self.bytes_in = 0  # plaintext received (the peer's application data)
 
@@ -306,7 +315,13 @@ class TLSStream(Stream):
             except ssl.SSLError:
                 await self._flush_quietly()  # let the peer see our alert
                 raise
-        await self._flush()
+        # A TLS 1.3 server's last words in the handshake are session tickets, which no
+        # client waits for: they leave with the first response (one send, not two).
+        # Nothing else a TLS 1.3 server writes unasked is awaited either (no
+        # renegotiation; a key update's answer is not).
+        self._hold_out = server_side and obj.version() == "TLSv1.3"
+        if not self._hold_out:
+            await self._flush()
         return self
 
     async def _flush(self) -> None:
@@ -365,9 +380,10 @@ class TLSStream(Stream):
     async def _receive(self, timeout: float | None) -> None:
         """More records from below (after sending what TLS has to say, e.g. a key update's
         answer); the peer's EOF is given to TLS."""
-        out = self._out.read()
-        if out:
-            self.inner.write(out)
+        if not self._hold_out:
+            out = self._out.read()
+            if out:
+                self.inner.write(out)
         chunk = await self.inner.read(timeout)
         if chunk:
             self._in.write(chunk)
