@@ -136,21 +136,19 @@ class ClientTLS:
         self.ctx.error("client_tls", self.prefix + message, address=self.address)
 
     async def handshake(self, offer: Offer) -> TLSStream | None:
-        """The handshake, offering these ALPN ids (or those `offer` settles first; while
-        it runs, this connection counts as a sibling in the making). None when there is
-        no TLS to speak: then `failed()` says why."""
-        ctx, trust = self.ctx, self.ctx.services.trust
-        with trust.handshaking(self.name):
-            alpn = offer if isinstance(offer, tuple) else await offer()
-            server_ctx = _leaf_context(ctx, self.name, alpn, self.address)
-            if server_ctx is None:
-                return None
-            try:
-                tls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
-                                                timeout=ctx.cfg.peek_timeout)
-            except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
-                self._failure = e
-                return None
+        """The handshake, offering these ALPN ids (or those `offer` settles first). None
+        when there is no TLS to speak: then `failed()` says why."""
+        ctx = self.ctx
+        alpn = offer if isinstance(offer, tuple) else await offer()
+        server_ctx = _leaf_context(ctx, self.name, alpn, self.address)
+        if server_ctx is None:
+            return None
+        try:
+            tls = await TLSStream.handshake(self.client, server_ctx, server_side=True,
+                                            timeout=ctx.cfg.peek_timeout)
+        except (ssl.SSLError, ConnectionError, StreamTimeout, OSError) as e:
+            self._failure = e
+            return None
         ctx.emit("tls", tls.event("client", self.address, self.sni))
         self.tls = tls
         return tls
@@ -163,7 +161,7 @@ class ClientTLS:
         if failure is None:
             return
         if not client_dropped(failure) or not await trust.settle(
-                self.name, lambda: trust.handshaken(self.name)):
+                lambda: trust.handshaken(self.name)):
             self._error(client_tls_message(failure, self.ctx.services.certs.ca.cert_path))
 
     def serving(self) -> None:
@@ -191,6 +189,6 @@ class ClientTLS:
         if (tls is not None and self._serving_since is not None and tls.bytes_in == 0
                 and self._ended in ("peer_closed", "peer_reset")
                 and time.monotonic() - self._serving_since < SILENT_REJECT_WINDOW
-                and not await trust.settle(self.name, lambda: trust.proven(self.name))):
+                and not await trust.settle(lambda: trust.proven(self.name))):
             self._error(client_tls_message(None, self.ctx.services.certs.ca.cert_path,
                                            silent=True))

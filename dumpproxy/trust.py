@@ -8,9 +8,8 @@ connections to the same name. One table per run, in `context.Services`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from dumpproxy.streams import TLSStream
 
@@ -19,7 +18,7 @@ from dumpproxy.streams import TLSStream
 # done, and then close without an alert.
 SILENT_REJECT_WINDOW = 2.0
 # How long what a client showed about trusting the CA counts for its server name, and how
-# long an ended connection waits for a sibling still on its way (see ClientTrust.settle).
+# long an ended connection waits for a sibling to show it (see ClientTrust.settle).
 TRUST_MEMORY = 60.0
 SIBLING_WAIT = 1.0
 SIBLING_POLL = 0.02
@@ -30,39 +29,24 @@ class ClientTrust:
 
     A connection that ends without an alert, mid-handshake (Node rejects that way) or
     right after it without a request (GnuTLS clients do), is either a rejection or a
-    browser's spare connection, dropped once a sibling connection to the same name is up.
+    browser's spare connection, dropped around when a sibling to the same name comes up.
     The sibling tells them apart: a handshake with the same name completed (mid-handshake
-    drops), or a connection to it carried requests (drops after the handshake)."""
+    drops), or a connection to it carried requests (drops after the handshake). The
+    sibling may come after the drop (Chromium drops its first connection before it opens
+    the one it uses), so the drop waits for it (`settle`)."""
 
     def __init__(self) -> None:
         self._handshakes: dict[str, float] = {}  # name -> last completed handshake
         self._proven: dict[str, float] = {}  # name -> last connection that carried data
         self._live: dict[str, set[TLSStream]] = {}
-        self._handshaking: dict[str, int] = {}  # name -> handshakes under way
 
-    @contextlib.contextmanager
-    def handshaking(self, name: str) -> Iterator[None]:
-        """A handshake with the client for `name` is under way (a sibling in the making)."""
-        self._handshaking[name] = self._handshaking.get(name, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._handshaking[name] - 1
-            if left:
-                self._handshaking[name] = left
-            else:
-                del self._handshaking[name]
-
-    def _pending(self, name: str) -> bool:
-        """A sibling may still show trust: it is in its handshake, or up without a request."""
-        return name in self._handshaking or any(not s.bytes_in for s in self._live.get(name, ()))
-
-    async def settle(self, name: str, shown: Callable[[], bool]) -> bool:
-        """Whether trust is `shown` for `name`, waiting (at most SIBLING_WAIT) only while a
-        sibling connection may still show it. A lone client learns of its rejection at
-        once; a browser's spare, dropped while its sibling finishes, is not blamed."""
+    async def settle(self, shown: Callable[[], bool]) -> bool:
+        """Whether trust is `shown` (for a name), waiting at most SIBLING_WAIT for a sibling
+        to show it. Nothing tells a lone client from a browser whose next connection is not
+        yet here (its CONNECT unread, its name unknown), so a lone client's rejection is
+        known only after the wait; a browser's spare is not blamed."""
         deadline = time.monotonic() + SIBLING_WAIT
-        while not shown() and self._pending(name) and time.monotonic() < deadline:
+        while not shown() and time.monotonic() < deadline:
             await asyncio.sleep(SIBLING_POLL)
         return shown()
 

@@ -204,6 +204,18 @@ def test_wget_rejecting_the_ca_gets_the_hint(dumpproxy, pki, nginx, tmp_path):
     assert len(p.of("error")) == 1 and not p.of("request")
 
 
+def test_wget_rejecting_the_ca_in_wrap_mode_gets_the_hint(dumpproxy, pki, nginx, tmp_path):
+    """The silent close is judged after the wait for a sibling, while wget has exited and
+    the run is ending: the error is still recorded, before `shutdown`."""
+    p, code = wrapped(dumpproxy, pki, which("wget"), "-q", "-O", "-",
+                      f"--ca-certificate={pki.ca_path}", nginx.url("/hello.txt"),
+                      env={"HOME": str(tmp_path)})
+    assert code == 5, p.stderr  # wget's SSL verification failure
+    [err] = p.of("error")
+    assert err["stage"] == "client_tls" and "right after the TLS handshake" in err["message"]
+    assert p.events[-1]["event"] == "shutdown" and p.events[-1]["errors"] == 1
+
+
 # --- git (GnuTLS, HTTP/2) --------------------------------------------------------------------
 
 
@@ -615,9 +627,13 @@ def drop_mid_handshake(proxy: DumpProxy, nginx: Nginx) -> None:
 
 def handshake_then_close(proxy: DumpProxy, nginx: Nginx) -> None:
     """A complete handshake, then close without a request (GnuTLS rejecting, or a browser
-    dropping an unused connection)."""
+    dropping an unused connection); returns once the proxy has closed its side too (then
+    it has seen the close, and judges it)."""
     ctx = ssl.create_default_context(cafile=proxy.ca)
     tls = ctx.wrap_socket(tunnel(proxy, nginx), server_hostname="app.test")
+    tls.shutdown(socket.SHUT_WR)  # FIN without close_notify; the socket reads raw from here
+    while tls.recv(65536):  # session tickets, the proxy's close_notify, then its FIN
+        pass
     tls.close()
 
 
@@ -649,6 +665,40 @@ def test_unused_connection_of_a_trusting_client_is_no_error(dumpproxy, pki, ngin
     good_request(p, nginx)
     handshake_then_close(p, nginx)
     assert_quiet(p, connections=2)
+
+
+def test_spare_dropped_after_its_handshake_before_its_sibling_came_is_no_error(
+        dumpproxy, pki, nginx):
+    """Chromium's race: its first connection completes the handshake and is dropped unused
+    before the connection it uses is even opened. The drop waits for that sibling's
+    request instead of blaming the CA."""
+    p = start(dumpproxy, pki)
+    handshake_then_close(p, nginx)  # the proxy has seen the close
+    good_request(p, nginx)
+    assert_quiet(p, responses=1, connections=2)
+
+
+def test_spare_dropped_mid_handshake_before_its_sibling_came_is_no_error(
+        dumpproxy, pki, nginx):
+    """The same race with the spare dropped during its handshake: the drop waits for the
+    sibling's handshake."""
+    p = start(dumpproxy, pki)
+    drop_mid_handshake(p, nginx)
+    time.sleep(0.2)  # the proxy has seen the drop
+    good_request(p, nginx)
+    assert_quiet(p, responses=1, connections=2)
+
+
+def test_client_closing_every_connection_unused_gets_the_hint_for_each(dumpproxy, pki, nginx):
+    """A sibling that came after the close shows trust only by carrying a request: a
+    client that rejects the CA on every connection still gets its error."""
+    p = start(dumpproxy, pki)
+    handshake_then_close(p, nginx)
+    handshake_then_close(p, nginx)
+    settle(p, connections=2)
+    errors = p.of("error")
+    assert len(errors) == 2, errors
+    assert all("right after the TLS handshake" in e["message"] for e in errors), errors
 
 
 class SteppedHandshake:
@@ -710,8 +760,7 @@ def test_unused_connection_beside_a_sibling_about_to_send_is_no_error(dumpproxy,
     p = start(dumpproxy, pki)
     sibling = SteppedHandshake(p, nginx)
     sibling.finish()
-    handshake_then_close(p, nginx)
-    time.sleep(0.2)  # the proxy has seen the unused connection close
+    handshake_then_close(p, nginx)  # the proxy has seen the unused connection close
     assert sibling.request().startswith(b"HTTP/1.1 200 ")
     assert_quiet(p, responses=1, connections=2)
 
