@@ -41,11 +41,13 @@ from h11._state import (
     CLIENT,
     DONE,
     ERROR,
+    EVENT_TRIGGERED_TRANSITIONS,
     IDLE,
     MIGHT_SWITCH_PROTOCOL,
     SEND_BODY,
     SEND_RESPONSE,
     SERVER,
+    STATE_TRIGGERED_TRANSITIONS,
     SWITCHED_PROTOCOL,
     ConnectionState,
 )
@@ -138,6 +140,31 @@ def _framing(method: bytes | None, ev, te, cl) -> tuple[str, int]:
     return (_LENGTH, 0) if type(ev) is Request else (_UNTIL_CLOSE, 0)
 
 
+class _States(ConnectionState):
+    """h11's state machine, with the event of a plain keep-alive exchange applied directly:
+    with no protocol switch proposed and keep-alive on, h11's rules reduce to its event
+    table, plus its state-triggered table when the new pair of states is in it. Anything
+    else (a switch, a close, an error, an event out of place) goes through h11's own code,
+    which also raises its errors."""
+
+    def process_event(self, role, event_type, server_switch_event=None) -> None:
+        if server_switch_event is None and self.keep_alive and not self.pending_switch_proposals:
+            states = self.states
+            new = EVENT_TRIGGERED_TRANSITIONS[role][states[role]].get(event_type)
+            if new is not None and event_type is not ConnectionClosed:
+                if event_type is Request:
+                    server = EVENT_TRIGGERED_TRANSITIONS[SERVER][states[SERVER]].get(
+                        (Request, CLIENT))
+                    if server is None:
+                        return super().process_event(role, event_type)
+                    states[SERVER] = server
+                states[role] = new
+                if (states[CLIENT], states[SERVER]) in STATE_TRIGGERED_TRANSITIONS:
+                    self._fire_state_triggered_transitions()
+                return None
+        return super().process_event(role, event_type, server_switch_event)
+
+
 class LlhttpConnection:
     """One HTTP/1 connection as client or server: the interface `http1_wire.Wire` uses."""
 
@@ -155,7 +182,7 @@ class LlhttpConnection:
 
     def __init__(self, role: str, max_head: int):
         self._our, self._their = (CLIENT, SERVER) if role == "client" else (SERVER, CLIENT)
-        self._cs = ConnectionState()
+        self._cs = _States()
         self._max = max_head
         self._buf = b""  # received, not given to a parser yet
         self._eof = False
