@@ -30,7 +30,6 @@ line or trailer section over the cap) counts the bytes fed since the last body b
 from __future__ import annotations
 
 import re
-from collections import deque
 
 import h11
 import httptools
@@ -186,7 +185,9 @@ class LlhttpConnection:
         self._max = max_head
         self._buf = b""  # received, not given to a parser yet
         self._eof = False
-        self._events: deque = deque()  # parsed from a chunked body, not returned yet
+        # parsed from a chunked body, not returned yet (a list: a deque's first block
+        # is 0.5 KB, and thousands of idle connections each hold one)
+        self._events: list = []
         self._method: bytes | None = None  # the request method of this exchange
         self._their_version: bytes | None = None
         self._sent: Request | None = None  # client: the request head sent (for h11)
@@ -293,7 +294,7 @@ class LlhttpConnection:
 
     def _extract(self):
         if self._events:
-            ev = self._events.popleft()
+            ev = self._events.pop(0)
             if type(ev) is LocalProtocolError:
                 raise ev
             return ev
@@ -469,7 +470,7 @@ class LlhttpConnection:
             trailers = self._trailers
             events.append(EndOfMessage(headers=trailers) if trailers else EndOfMessage())
         if events:
-            ev = events.popleft()
+            ev = events.pop(0)
             if type(ev) is LocalProtocolError:
                 raise ev
             return ev

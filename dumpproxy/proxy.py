@@ -48,6 +48,8 @@ class ListenError(OSError):
 class _Accepted(SocketStream):
     """A client socket: starts its listener's handler when the connection is made."""
 
+    __slots__ = ("proxy", "mode")
+
     def __init__(self, proxy: Proxy, mode: Mode):
         super().__init__()
         self.proxy = proxy

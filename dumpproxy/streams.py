@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
@@ -32,6 +31,8 @@ class StreamTimeout(Exception):
 
 class Stream:
     """Interface shared by SocketStream and TLSStream."""
+
+    __slots__ = ()  # thousands of connections: no __dict__ per stream
 
     async def read(self, timeout: float | None = None) -> bytes:  # b"" at EOF
         raise NotImplementedError
@@ -64,11 +65,17 @@ def _timeout_waiter(fut: asyncio.Future) -> None:
 
 
 class SocketStream(asyncio.Protocol, Stream):
+    __slots__ = ("_loop", "transport", "_chunks", "_buffered", "_eof", "_exc", "_read_waiter",
+                 "_drain_waiters", "_write_paused", "_read_paused", "_lost", "peername",
+                 "bytes_in", "bytes_out", "ended", "_wbuf", "_wsize", "on_lost")
+
     def __init__(self) -> None:
         # Asked once: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._chunks: deque[bytes] = deque()
+        # received, not read yet: a list (few chunks at a time; a deque's first block is
+        # 0.5 KB per connection)
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._eof = False
         self._exc: BaseException | None = None
@@ -167,7 +174,7 @@ class SocketStream(asyncio.Protocol, Stream):
                 self._read_waiter = None
                 if timer is not None:
                     timer.cancel()
-        data = self._chunks.popleft()
+        data = self._chunks.pop(0)
         self._buffered -= len(data)
         if self._read_paused and self._buffered < HIGH_WATER // 4:
             self._read_paused = False
@@ -192,7 +199,7 @@ class SocketStream(asyncio.Protocol, Stream):
 
     def unread(self, data: bytes) -> None:
         if data:
-            self._chunks.appendleft(data)
+            self._chunks.insert(0, data)
             self._buffered += len(data)
 
     def write(self, data: bytes) -> None:
@@ -281,6 +288,9 @@ class SocketStream(asyncio.Protocol, Stream):
 class TLSStream(Stream):
     """TLS over another Stream, driven through ssl.MemoryBIO (works with peeked bytes)."""
 
+    __slots__ = ("inner", "ssl", "_in", "_out", "_closed_tls", "_read_closed", "_hold_out",
+                 "_pending", "bytes_in", "__weakref__")
+
     def __init__(self, inner: Stream, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
         self.inner = inner
@@ -290,7 +300,7 @@ class TLSStream(Stream):
         self._closed_tls = False
         self._read_closed = False  # the peer's close_notify (or EOF) was read
         self._hold_out = False  # what TLS writes unasked waits for our next write
-        self._pending: deque[bytes] = deque()
+        self._pending: list[bytes] = []  # unread plaintext (see SocketStream._chunks)
         self.bytes_in = 0  # plaintext received (the peer's application data)
 
     @classmethod
@@ -338,7 +348,7 @@ class TLSStream(Stream):
 
     async def read(self, timeout: float | None = None) -> bytes:
         if self._pending:
-            return self._pending.popleft()
+            return self._pending.pop(0)
         parts: list[bytes] = []
         size = 0
         sslobj, incoming = self.ssl, self._in
@@ -392,7 +402,7 @@ class TLSStream(Stream):
 
     def unread(self, data: bytes) -> None:
         if data:
-            self._pending.appendleft(data)
+            self._pending.insert(0, data)
 
     @property
     def buffered(self) -> bool:

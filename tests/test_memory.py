@@ -332,3 +332,25 @@ def test_example_soak(tmp_path: Path) -> None:
     kept = [json.loads(line) for line in samples.read_text().splitlines()]
     assert {s["proxy"] for s in kept} == set(rows)
     assert all(s["VmRSS"] > 0 for s in kept)
+
+
+# --- the scale memory script (bench/scale_rss.py), briefly -----------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_example_scale_rss() -> None:
+    """The README's many-connections memory command, with 100 of each instead of 1,000:
+    every client is answered while all are open, and the report gives the proxy's RSS
+    (the figures are the script's business, not a test's)."""
+    [command] = shell_commands(example("scale-rss").text)
+    args = shlex.split(command)
+    assert args[:2] == ["python3", "bench/scale_rss.py"], args
+    r = subprocess.run([sys.executable, *args[1:], "-n", "100"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "100 tunnels + 100 keep-alive connections open at once" in r.stdout, r.stdout
+    assert "200 of 200 answered 200" in r.stdout, r.stdout
+    start, open_, peak = map(float, re.search(
+        r"RSS: ([\d.]+) MB at start, ([\d.]+) MB with all open, peak ([\d.]+) MB",
+        r.stdout).groups())
+    assert 0 < start <= open_ <= peak, r.stdout
