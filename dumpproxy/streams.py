@@ -59,20 +59,22 @@ class Stream:
         """Record how the connection ends, unless an earlier cause is known."""
 
 
-def _timeout_waiter(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(StreamTimeout())
-
-
 class SocketStream(asyncio.Protocol, Stream):
     __slots__ = ("_loop", "transport", "_chunks", "_buffered", "_eof", "_exc", "_read_waiter",
                  "_drain_waiters", "_write_paused", "_read_paused", "_lost", "peername",
-                 "bytes_in", "bytes_out", "ended", "_wbuf", "_wsize", "on_lost")
+                 "bytes_in", "bytes_out", "ended", "_wbuf", "_wsize", "on_lost", "_deadline",
+                 "_timer", "_timer_at")
 
     def __init__(self) -> None:
         # Asked once: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        # A read's timeout: one timer per stream, armed for the earliest deadline and left
+        # running across reads; a later read only moves `_deadline` (a timer per read
+        # was a twentieth of a small exchange's cost). None: the waiting read has none.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         # received, not read yet: a list (few chunks at a time; a deque's first block is
         # 0.5 KB per connection)
         self._chunks: list[bytes] = []
@@ -132,6 +134,9 @@ class SocketStream(asyncio.Protocol, Stream):
     def connection_lost(self, exc: Exception | None) -> None:
         self.mark("peer_reset" if exc is not None else "peer_closed")
         self._lost = True
+        if self._timer is not None:  # (it holds this stream)
+            self._timer.cancel()
+            self._timer = None
         self._eof = True
         if exc is not None and self._exc is None:
             self._exc = exc
@@ -153,6 +158,19 @@ class SocketStream(asyncio.Protocol, Stream):
                 w.set_result(None)
         self._drain_waiters.clear()
 
+    def _on_deadline(self) -> None:
+        """The timer: a read still waiting past its deadline times out; one whose deadline
+        moved on gets the timer again; none waiting leaves it unarmed."""
+        self._timer = None
+        w, deadline = self._read_waiter, self._deadline
+        if w is None or w.done() or deadline is None:
+            return
+        if self._loop.time() >= deadline:
+            w.set_exception(StreamTimeout())
+        else:
+            self._timer = self._loop.call_at(deadline, self._on_deadline)
+            self._timer_at = deadline
+
     def _wake_reader(self) -> None:
         w = self._read_waiter
         if w is not None and not w.done():
@@ -167,13 +185,19 @@ class SocketStream(asyncio.Protocol, Stream):
                 return b""
             loop = self._loop
             self._read_waiter = fut = loop.create_future()
-            timer = loop.call_later(timeout, _timeout_waiter, fut) if timeout else None
+            if timeout:
+                self._deadline = deadline = loop.time() + timeout
+                if self._timer is None or self._timer_at > deadline:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(deadline, self._on_deadline)
+                    self._timer_at = deadline
+            else:
+                self._deadline = None
             try:
                 await fut
             finally:
                 self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
         data = self._chunks.pop(0)
         self._buffered -= len(data)
         if self._read_paused and self._buffered < HIGH_WATER // 4:
