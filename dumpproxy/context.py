@@ -101,6 +101,7 @@ class Context:
         # ensure_future) makes a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
         self.upstreams: set[Upstream] = set()  #: open upstream connections, closed with it
+        self._decided: dict[tuple, tuple[HostDecision, dict]] = {}  # see decide()
         # While set, whoever serves the connection says whether it may be closed now, in a
         # shutdown (nothing in flight: a keep-alive connection waiting for its next request).
         # Called again until it says yes; the HTTP/2 bridge sends its GOAWAY on the first.
@@ -130,11 +131,25 @@ class Context:
         verdict already judged, if any); write `decision` (with the flow of a plain-HTTP
         request it blocks)."""
         services = self.services
-        d = services.filter.decide(cands, egress)
+        f = services.filter
+        # A keep-alive client asks again for each request: its last answers are kept, for
+        # the filter they came from (a SIGHUP reload makes a new one). Never a timeout.
+        key = (f, tuple(cands), sni) if egress is None else None
+        known = self._decided.get(key) if key is not None else None
+        if known is not None:
+            d, base = known
+        else:
+            d = f.decide(cands, egress)
+            base = d.fields()
+            if key is not None and d.reason != "timeout" and (
+                    d.egress is None or d.egress.reason != "timeout"):
+                if len(self._decided) >= 16:
+                    self._decided.clear()
+                self._decided[key] = (d, base)
         if d.passthrough:
             services.stats.passthrough += 1
         address = join_host_port(host, port)
-        fields = Decision(address=address, **d.fields(), sni=sni)
+        fields = Decision(address=address, **base, sni=sni)  # type: ignore[typeddict-item]
         if d.egress is not None:
             if flow is not None:
                 fields["flow"] = flow

@@ -51,12 +51,14 @@ class EventWriter:
 
     def emit(self, event: str, fields: dict | None = None, conn: object | None = None) -> dict:
         """Write one event: ts, event, conn/client (when tied to a connection), fields."""
-        ev: dict = {"ts": round(time.time(), 6), "event": event}
-        if conn is not None:
-            ev["conn"] = conn.id  # type: ignore[attr-defined]
-            ev["client"] = conn.client  # type: ignore[attr-defined]
-        if fields:
-            ev.update(fields)
+        if conn is not None:  # (one dict display: the most frequent shape)
+            ev: dict = {"ts": round(time.time(), 6), "event": event,
+                        "conn": conn.id, "client": conn.client,  # type: ignore[attr-defined]
+                        **(fields or {})}
+        else:
+            ev = {"ts": round(time.time(), 6), "event": event}
+            if fields:
+                ev.update(fields)
         self.write(ev)
         return ev
 

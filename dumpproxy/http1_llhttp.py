@@ -286,6 +286,15 @@ class LlhttpConnection:
                 exc._reraise_as_remote_protocol_error()
             raise
 
+    @property
+    def nothing_to_parse(self) -> bool:
+        """A head is awaited and nothing was received: next_event() could only say
+        NEED_DATA, with no other effect (the caller reads first)."""
+        if self._buf or self._fed or self._eof or self._events or self._fallback is not None:
+            return False
+        state = self._cs.states[self._their]
+        return state is IDLE or state is SEND_RESPONSE
+
     def _pending(self) -> int:
         """What h11 would hold in its buffer while it needs more data."""
         if self._mode is _CHUNKED:

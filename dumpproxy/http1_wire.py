@@ -116,6 +116,8 @@ class H11Connection:
         self._h = h11.Connection(h11.CLIENT if role == "client" else h11.SERVER,
                                  max_incomplete_event_size=max_head)
 
+    nothing_to_parse = False  # h11 is always asked
+
     def next_event(self):
         return self._h.next_event()
 
@@ -207,10 +209,13 @@ class Wire:
         not each read."""
         c = self._c
         deadline = None if timeout is None else time.monotonic() + timeout
+        ask = not c.nothing_to_parse  # (a keep-alive connection's next head: read first)
         while True:
-            ev = c.next_event()
-            if ev is not NEED_DATA:
-                return ev
+            if ask:
+                ev = c.next_event()
+                if ev is not NEED_DATA:
+                    return ev
+            ask = True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise StreamTimeout()
