@@ -109,11 +109,7 @@ _NOTED = frozenset({b"transfer-encoding", b"content-length", b"connection", b"up
 
 def connection_tokens(items: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Field names listed in Connection headers (also hop-by-hop for this message)."""
-    tokens: set[bytes] = set()
-    for name, value in items:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
+    return Facts(items).connection
 
 
 def forwardable(
@@ -154,12 +150,6 @@ def has_token(items: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -
         if n.lower() == name and token in (t.strip().lower() for t in v.split(b",")):
             return True
     return False
-
-
-def framing_conflict(items: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Both Content-Length and Transfer-Encoding: a smuggling shape, refused (SPEC §7)."""
-    return header_value(items, b"transfer-encoding") is not None and \
-        header_value(items, b"content-length") is not None
 
 
 def body_length(method: str | bytes, status: int, items: list[tuple[bytes, bytes]],

@@ -297,7 +297,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
     if target is not None and target.authority is not None:  # reverse mode
         out = [(n, v) for n, v in out if n.lower() != b"host"]
         out.insert(0, (b"Host", target.authority))
-    elif not facts.host or hdr.header_value(out, b"host") is None:
+    elif not facts.host or b"host" in facts.connection:  # none, or Connection named it
         out.insert(0, (b"Host", join_host_port(host, port).encode()))
     wire_target = path.encode()
     if up.absolute_form:  # to an upstream proxy: absolute form, with its credentials

@@ -63,7 +63,7 @@ class SocketStream(asyncio.Protocol, Stream):
     __slots__ = ("_loop", "transport", "_chunks", "_buffered", "_eof", "_exc", "_read_waiter",
                  "_drain_waiters", "_write_paused", "_read_paused", "_lost", "peername",
                  "bytes_in", "bytes_out", "ended", "_wbuf", "_wsize", "on_lost", "_deadline",
-                 "_timer", "_timer_at")
+                 "_timer")
 
     def __init__(self) -> None:
         # Asked once: on Python 3.11 every get_running_loop() is a getpid() system call.
@@ -74,7 +74,6 @@ class SocketStream(asyncio.Protocol, Stream):
         # was a twentieth of a small exchange's cost). None: the waiting read has none.
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         # received, not read yet: a list (few chunks at a time; a deque's first block is
         # 0.5 KB per connection)
         self._chunks: list[bytes] = []
@@ -90,8 +89,8 @@ class SocketStream(asyncio.Protocol, Stream):
         self.bytes_in = 0
         self.bytes_out = 0
         self.ended: Ended | None = None  # how the connection ended: the first cause wins
-        # Writes made in one step of a task go out in one send: a response head and the
-        # first body bytes, say (each send on loopback costs the receiver's work too).
+        # Writes made in one step of the loop go out in one send at its end: a response
+        # head and its first body bytes, say (each send on loopback costs the receiver's work too).
         self._wbuf: list[bytes] = []
         self._wsize = 0  # bytes in _wbuf
         # told when the connection is lost (an exchange waiting on the other side of the
@@ -169,7 +168,6 @@ class SocketStream(asyncio.Protocol, Stream):
             w.set_exception(StreamTimeout())
         else:
             self._timer = self._loop.call_at(deadline, self._on_deadline)
-            self._timer_at = deadline
 
     def _wake_reader(self) -> None:
         w = self._read_waiter
@@ -187,11 +185,11 @@ class SocketStream(asyncio.Protocol, Stream):
             self._read_waiter = fut = loop.create_future()
             if timeout:
                 self._deadline = deadline = loop.time() + timeout
-                if self._timer is None or self._timer_at > deadline:
-                    if self._timer is not None:
-                        self._timer.cancel()
+                timer = self._timer
+                if timer is None or timer.when() > deadline:
+                    if timer is not None:
+                        timer.cancel()
                     self._timer = loop.call_at(deadline, self._on_deadline)
-                    self._timer_at = deadline
             else:
                 self._deadline = None
             try:
@@ -313,7 +311,7 @@ class TLSStream(Stream):
     """TLS over another Stream, driven through ssl.MemoryBIO (works with peeked bytes)."""
 
     __slots__ = ("inner", "ssl", "_in", "_out", "_closed_tls", "_read_closed", "_hold_out",
-                 "_pending", "bytes_in", "__weakref__")
+                 "_pending", "bytes_in")
 
     def __init__(self, inner: Stream, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
