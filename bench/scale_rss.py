@@ -21,15 +21,9 @@ import sys
 import tempfile
 import time
 
+from soak import proc_status  # bench/, beside this script
+
 BODY = b"scale ok\n"
-
-
-def status_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 async def origin_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -67,14 +61,14 @@ async def main() -> int:
     server = await asyncio.start_server(origin_conn, "127.0.0.1", 0, backlog=4096)
     origin = server.sockets[0].getsockname()[1]
     work = tempfile.mkdtemp(prefix="scale-rss-")
-    port_file = os.path.join(work, "events.jsonl")
+    events = os.path.join(work, "events.jsonl")
     proc = subprocess.Popen(
         [*args.dumpproxy.split(), "--listen-host", "127.0.0.1", "--listen-port", "0",
-         "--ca-dir", os.path.join(work, "ca"), "-o", port_file],
+         "--ca-dir", os.path.join(work, "ca"), "-o", events],
         stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()  # "dumpproxy: listening on http://127.0.0.1:PORT"
     port = int(line.rsplit(":", 1)[1])
-    base = status_kb(proc.pid, "VmRSS")
+    base = proc_status(proc.pid, ("VmRSS",))["VmRSS"]
     target = f"127.0.0.1:{origin}"
     opened = 0
     all_open = asyncio.Event()
@@ -103,9 +97,9 @@ async def main() -> int:
     started = time.monotonic()
     tasks = [asyncio.ensure_future(client(i % 2 == 0)) for i in range(2 * n)]
     await asyncio.wait_for(all_open.wait(), 120)
-    rss = status_kb(proc.pid, "VmRSS")
+    rss = proc_status(proc.pid, ("VmRSS",))["VmRSS"]
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    peak = status_kb(proc.pid, "VmHWM")
+    peak = proc_status(proc.pid, ("VmHWM",))["VmHWM"]
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     server.close()

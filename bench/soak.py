@@ -150,12 +150,12 @@ def stop(proc: subprocess.Popen | None, grace: float = 10) -> None:
         proc.wait()
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and RssAnon (KiB) and open descriptors of a process."""
+def proc_status(pid: int, keys: tuple[str, ...] = ("VmRSS", "RssAnon")) -> dict[str, int]:
+    """These /proc status fields (KiB) and the open descriptors of a process."""
     out = {"fds": len(os.listdir(f"/proc/{pid}/fd"))}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon"):
+        if key in keys:
             out[key] = int(value.split()[0])
     return out
 
