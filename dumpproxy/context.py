@@ -134,22 +134,22 @@ class Context:
         f = services.filter
         # A keep-alive client asks again for each request: its last answers are kept, for
         # the filter they came from (a SIGHUP reload makes a new one). Never a timeout.
-        key = (f, tuple(cands), sni) if egress is None else None
+        key = (f, host, port, tuple(cands), sni) if egress is None else None
         known = self._decided.get(key) if key is not None else None
-        if known is not None:
-            d, base = known
+        if known is not None:  # the same fields again (the writer copies them)
+            d, fields = known
+            address = fields["address"]
         else:
+            address = join_host_port(host, port)
             d = f.decide(cands, egress)
-            base = d.fields()
-            if key is not None and d.reason != "timeout" and (
-                    d.egress is None or d.egress.reason != "timeout"):
+            fields = Decision(address=address, **d.fields(),  # type: ignore[typeddict-item]
+                              sni=sni)
+            if key is not None and d.egress is None and d.reason != "timeout":
                 if len(self._decided) >= 16:
                     self._decided.clear()
-                self._decided[key] = (d, base)
+                self._decided[key] = (d, fields)
         if d.passthrough:
             services.stats.passthrough += 1
-        address = join_host_port(host, port)
-        fields = Decision(address=address, **base, sni=sni)  # type: ignore[typeddict-item]
         if d.egress is not None:
             if flow is not None:
                 fields["flow"] = flow

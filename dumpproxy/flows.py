@@ -66,10 +66,13 @@ class Flow:
         cfg = ctx.cfg
         self.req_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
         self.resp_body = BodyCapture(cfg.max_body_bytes) if cfg.bodies else None
-        ctx.emit("request", Request(
-            flow=self.flow, method=method, url=self.url, scheme=scheme,  # type: ignore
-            host=host, port=port, path=path, http_version=http_version,  # type: ignore
-            headers=hdr.header_object(header_items, cfg.redact)))
+        # (dict displays typed as the schema's TypedDicts: calling one costs twice as much)
+        fields: Request = {
+            "flow": self.flow, "method": method, "url": self.url,
+            "scheme": scheme, "host": host, "port": port, "path": path,  # type: ignore
+            "http_version": http_version,  # type: ignore[typeddict-item]
+            "headers": hdr.header_object(header_items, cfg.redact)}
+        ctx.emit("request", fields)  # type: ignore[arg-type]
 
     def request_data(self, data: bytes) -> None:
         self.request_bytes += len(data)
@@ -87,12 +90,13 @@ class Flow:
         the exchange was cut (aborted: by whom; status 0 when no response head had come).
         server: the upstream connection that carried it."""
         ctx = self.ctx
-        fields = Response(
-            flow=self.flow, method=self.method, url=self.url,
-            http_version=self.http_version,  # type: ignore[typeddict-item]
-            status=status, reason=reason, headers=hdr.header_object(header_items, ctx.cfg.redact),
-            request_bytes=self.request_bytes, response_bytes=self.response_bytes,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3))
+        fields: Response = {
+            "flow": self.flow, "method": self.method, "url": self.url,
+            "http_version": self.http_version,  # type: ignore[typeddict-item]
+            "status": status, "reason": reason,
+            "headers": hdr.header_object(header_items, ctx.cfg.redact),
+            "request_bytes": self.request_bytes, "response_bytes": self.response_bytes,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3)}
         if server is not None:
             fields["server"] = server
         if aborted is not None:

@@ -10,10 +10,18 @@ nowhere else:
   requests that came in the same read);
 - a frame header announcing more than the maximum frame size is refused at once (h2
   waits until the whole frame is buffered);
-- DATA frames are not hex-dumped for a debug string nobody reads.
+- DATA frames are not hex-dumped for a debug string nobody reads;
+- HPACK does not ask the logging module, some 70 times per exchange, whether its debug
+  lines (never shown) are wanted;
+- HPACK's Huffman decoder (Python, a step per input byte) remembers the short strings it
+  decoded: an origin sends the same Huffman-coded values (server, content-type, etag...)
+  in every response, and decoding them was the largest single cost of an exchange.
 """
 
 from __future__ import annotations
+
+import logging
+from functools import lru_cache
 
 import h2.config
 import h2.connection
@@ -21,6 +29,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.hpack
+import hpack.table
 import hyperframe.frame
 from h2.connection import _decode_headers  # the HPACK step h2 itself uses
 from h2.stream import StreamClosedBy
@@ -33,6 +43,32 @@ MAX_STREAMS = 128
 # (H2Connection._receive_frame); for DATA that serializes and hex-encodes the whole
 # payload. A summary keeps that cost independent of the payload size.
 hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"  # type: ignore
+
+
+class _Unlogged(logging.Logger):
+    """hpack's module logger, whose debug lines (some 70 per exchange, never shown) return
+    at once instead of going through the logging module's level checks."""
+
+    def debug(self, *args, **kwargs) -> None:
+        return None
+
+
+hpack.hpack.log = _Unlogged("hpack.hpack", logging.WARNING)
+hpack.table.log = _Unlogged("hpack.table", logging.WARNING)
+
+HUFFMAN_CACHED = 128  # bytes: longer strings are decoded each time (at most ~200 KB kept)
+_decode_huffman = hpack.hpack.decode_huffman
+_decode_huffman_cached = lru_cache(maxsize=512)(_decode_huffman)  # a pure function
+
+
+def decode_huffman(data: bytes) -> bytes:
+    """hpack's decode_huffman, remembered for short strings (an error is never cached)."""
+    if len(data) <= HUFFMAN_CACHED and type(data) is bytes:
+        return _decode_huffman_cached(data)
+    return _decode_huffman(data)
+
+
+hpack.hpack.decode_huffman = decode_huffman
 
 
 class Connection(h2.connection.H2Connection):

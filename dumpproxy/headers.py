@@ -127,7 +127,7 @@ def forwardable(
     if tokens is None:
         tokens = connection_tokens(items)
     base = H2_FORBIDDEN if http2 else HOP_BY_HOP
-    drop = base | (tokens - FRAMING) if tokens else base
+    drop = base if not tokens or tokens <= base else base | (tokens - FRAMING)
     if keep_upgrade:
         drop = drop - {b"upgrade"}
     out = [(n, v) for n, v in items if n.lower() not in drop

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from dataclasses import dataclass
 
 from dumpproxy import headers as hdr
 from dumpproxy import http1_wire as wire
@@ -45,24 +44,10 @@ class BadRequestBody(Exception):
     """The client's request body broke HTTP/1's framing."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Blame:
-    """`with TO_CLIENT:` turns a transport failure into the exception naming that side
-    (httpcore's map_exceptions, as a cheap class: it wraps every chunk)."""
-
-    exc: type[PeerGone]
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, tp, e, tb) -> bool:
-        if tp is not None and issubclass(tp, ConnectionError):
-            raise self.exc(str(e) or "connection reset") from None
-        return False
-
-
-TO_CLIENT = _Blame(ClientGone)
-TO_UPSTREAM = _Blame(UpstreamGone)
+def _gone(side: type[PeerGone], e: ConnectionError) -> PeerGone:
+    """A transport failure as the exception naming the side it came from (raised `from
+    None`; a try block costs nothing until it fails, unlike a context manager's calls)."""
+    return side(str(e) or "connection reset")
 
 
 class Phase(enum.Enum):
@@ -140,13 +125,17 @@ class Exchange:
         client_sock = self.ctx.stream
         client_sock.on_lost = self._client_lost
         try:
-            with TO_UPSTREAM:
+            try:
                 up.wire.send(up.stream, wire.request(self.req.method, self.path, self.headers))
+            except ConnectionError as e:
+                raise _gone(UpstreamGone, e) from None
             first = self._client_event()
             if type(first) is wire.EndOfMessage:
-                with TO_UPSTREAM:
+                try:
                     up.wire.send(up.stream, first)
                     await up.stream.drain()
+                except ConnectionError as e:
+                    raise _gone(UpstreamGone, e) from None
                 return await self._download(None)
             upload = self.ctx.loop.create_task(self._upload(first))
             return await self._with_upload(upload)
@@ -255,23 +244,31 @@ class Exchange:
             elif type(ev) is wire.Data:
                 if self.fl is not None:
                     self.fl.request_data(ev.data)
-                with TO_UPSTREAM:
+                try:
                     up.wire.send(up.stream, ev)  # type: ignore[union-attr]
                     await up.stream.drain()
+                except ConnectionError as e:
+                    raise _gone(UpstreamGone, e) from None
             elif type(ev) is wire.EndOfMessage:
-                with TO_UPSTREAM:
+                try:
                     up.wire.send(up.stream, ev)  # type: ignore[union-attr]
+                except ConnectionError as e:
+                    raise _gone(UpstreamGone, e) from None
                 return
             ev = self._client_event()
 
     # -- response side --
     def _to_client(self, event) -> None:
-        with TO_CLIENT:
+        try:
             self.h.send(self.client, event)
+        except ConnectionError as e:
+            raise _gone(ClientGone, e) from None
 
     async def _read_up(self, timeout: float):
-        with TO_UPSTREAM:
+        try:
             ev = await self.up.wire.read_event(self.up.stream, timeout)  # type: ignore
+        except ConnectionError as e:
+            raise _gone(UpstreamGone, e) from None
         if type(ev) is wire.ConnectionClosed:
             raise UpstreamGone("connection closed before the response ended")
         return ev
@@ -297,7 +294,7 @@ class Exchange:
                 continue
             break
         resp: wire.Response = ev
-        rh = list(resp.headers.raw_items())
+        rh = resp.headers.raw_items()  # (a new list)
         facts = hdr.Facts(rh)
         if facts.framing_conflict:
             raise BadResponse(f"{self.up.address} sent both Content-Length and "
@@ -335,8 +332,10 @@ class Exchange:
         data = up.wire.trailing  # type: ignore[union-attr]  # body read with the head
         while left:
             if not data:
-                with TO_UPSTREAM:
+                try:
                     data = await up.stream.read(idle)
+                except ConnectionError as e:
+                    raise _gone(UpstreamGone, e) from None
                 if not data:
                     raise UpstreamGone("connection closed before the response ended")
             if len(data) > left:  # more than announced: never reuse this connection
@@ -345,9 +344,11 @@ class Exchange:
             left -= len(data)
             if fl is not None:
                 fl.response_data(data)
-            with TO_CLIENT:
+            try:
                 h.send_body(client, data)
                 await client.drain()
+            except ConnectionError as e:
+                raise _gone(ClientGone, e) from None
             data = b""
         self._to_client(wire.EndOfMessage())
         return overran
@@ -361,8 +362,10 @@ class Exchange:
                 if fl is not None:
                     fl.response_data(ev.data)
                 self._to_client(ev)
-                with TO_CLIENT:
+                try:
                     await client.drain()
+                except ConnectionError as e:
+                    raise _gone(ClientGone, e) from None
             elif type(ev) is wire.EndOfMessage:
                 trailers = list(ev.headers.raw_items())
                 break

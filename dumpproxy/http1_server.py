@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from dumpproxy import auth
@@ -152,19 +153,24 @@ def parse_target(raw: str, fixed: Target | None, redact: bool) -> tuple[str, str
                 "dumpproxy is a proxy: send absolute-form requests (GET http://host/ HTTP/1.1)"
             )
         return fixed.scheme, fixed.host, fixed.port, raw
+    parse = _absolute_cached if len(raw) <= 1024 else _absolute
+    if fixed is not None:  # absolute-form inside a tunnel: the tunnel decides
+        return fixed.scheme, fixed.host, fixed.port, parse(raw, redact, False)[3]
+    return parse(raw, redact, True)
+
+
+def _absolute(raw: str, redact: bool, check: bool) -> tuple[str, str, int, str]:
+    """An absolute-form target's parts (check: its host too); pure, so cached."""
     try:
         parts = urlsplit(raw)
         port = parts.port
     except ValueError as e:
         raise BadRequest(f"bad request target {_target_text(raw, redact)}: {e}") from None
     scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
+    host = parts.hostname
+    if scheme not in DEFAULT_PORTS or not host:
         raise BadRequest(f"unsupported request target {_target_text(raw, redact)}")
-    if fixed is not None:  # absolute-form inside a tunnel: the tunnel decides
-        scheme, host, port = fixed.scheme, fixed.host, fixed.port
-    else:
-        host = parts.hostname
-        port = port or DEFAULT_PORTS[scheme]
+    if check:
         try:
             check_host(host)
         except BadHost as e:
@@ -172,7 +178,12 @@ def parse_target(raw: str, fixed: Target | None, redact: bool) -> tuple[str, str
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return scheme, host, port, path
+    return scheme, host, port or DEFAULT_PORTS[scheme], path
+
+
+# A keep-alive client asks for the same URLs again and again (short ones are kept: at
+# most 128 KB here).
+_absolute_cached = lru_cache(maxsize=128)(_absolute)
 
 
 async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Connect | None:
@@ -193,10 +204,14 @@ async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Co
 async def _serve(ctx: Context, h: Wire, client: Stream, target: Target | None,
                  pool: UpstreamPool | None) -> Connect | None:
     cfg = ctx.cfg
+
+    def quiesce() -> bool:
+        return not h.head_started
+
     while True:
         if ctx.services.stopping:  # shutting down: no new exchange on this connection
             return None
-        ctx.quiesce = lambda: not h.head_started
+        ctx.quiesce = quiesce
         try:
             ev = await h.read_event(client, cfg.head_timeout)
         except StreamTimeout:
@@ -228,7 +243,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
     Once the request can be named (method and URL), it is recorded whatever happens to
     it: refused requests too, with dumpproxy's answer as their response."""
     started = time.monotonic()  # the flow's duration counts the upstream connect too
-    items = list(req.headers.raw_items())
+    items = req.headers.raw_items()  # (a new list)
     services = ctx.services
     denied = services.auth.refusal(items) if target is None and services.auth else None
     try:

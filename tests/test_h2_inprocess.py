@@ -17,6 +17,8 @@ import h2.errors
 import h2.settings
 import hyperframe.frame
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from inprocess import H2Peer, Rig, h2_client, h2_origin, h2_request, ok, run, settle
 
 from dumpproxy.h2conn import CONNECTION_WINDOW, MAX_STREAMS, STREAM_WINDOW
@@ -888,3 +890,33 @@ def test_h2_late_frames_on_a_reset_stream_are_a_stream_error(sender: str) -> Non
         assert len(rig.of("response")) == between + 2
 
     run(main)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.binary(max_size=200))
+def test_hpack_huffman_decoding_remembered_decodes_as_hpack_does(value: bytes) -> None:
+    """The remembered Huffman decoder gives hpack's own result for every string (short
+    ones come from the cache the second time), and hpack's decoder is the one HPACK uses."""
+    import hpack.hpack
+    import hpack.huffman_table
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+    from dumpproxy import h2conn
+
+    assert hpack.hpack.decode_huffman is h2conn.decode_huffman
+    coded = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(value)
+    assert h2conn.decode_huffman(coded) == value
+    assert h2conn.decode_huffman(coded) == hpack.huffman_table.decode_huffman(coded) == value
+
+
+def test_hpack_huffman_errors_are_not_remembered() -> None:
+    """Invalid Huffman input (EOS inside a string) fails each time it is decoded."""
+    import hpack.exceptions
+
+    from dumpproxy import h2conn
+
+    bad = b"\xff\xff\xff\xff"  # the EOS code (30 ones) inside a string: HPACK error
+    for _ in range(2):
+        with pytest.raises(hpack.exceptions.HPACKDecodingError):
+            h2conn.decode_huffman(bad)
