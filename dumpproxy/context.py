@@ -133,7 +133,8 @@ class Context:
         services = self.services
         f = services.filter
         # A keep-alive client asks again for each request: its last answers are kept, for
-        # the filter they came from (a SIGHUP reload makes a new one). Never a timeout.
+        # the filter they came from (a SIGHUP reload makes a new one). Never a timeout, nor
+        # a decision with an egress verdict (its fields are extended per request).
         key = (f, host, port, tuple(cands), sni) if egress is None else None
         known = self._decided.get(key) if key is not None else None
         if known is not None:  # the same fields again (the writer copies them)

@@ -1,8 +1,8 @@
 """HTTP/2 connections as the bridge uses them: h2's state machine with our settings, patched
 where h2's own choice would cost the bridge, and guarded against garbage frame headers.
 
-Every use of h2's private API is in this module, so that an h2 upgrade breaks here and
-nowhere else:
+Every use of h2's and hpack's private API is in this module, so that an upgrade of
+either breaks here and nowhere else:
 - a graceful GOAWAY (NO_ERROR) received leaves the connection open (h2 closes it, and the
   frames of the streams the peer still finishes become protocol errors);
 - a client stream over our MAX_CONCURRENT_STREAMS is refused on its own with
@@ -15,12 +15,11 @@ nowhere else:
   lines (never shown) are wanted;
 - HPACK's Huffman decoder (Python, a step per input byte) remembers the short strings it
   decoded: an origin sends the same Huffman-coded values (server, content-type, etag...)
-  in every response, and decoding them was the largest single cost of an exchange.
+  in every response, and its decoder was the costliest function of an HTTP/2 exchange.
 """
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 
 import h2.config
@@ -45,16 +44,13 @@ MAX_STREAMS = 128
 hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} bytes>"  # type: ignore
 
 
-class _Unlogged(logging.Logger):
-    """hpack's module logger, whose debug lines (some 70 per exchange, never shown) return
-    at once instead of going through the logging module's level checks."""
-
-    def debug(self, *args, **kwargs) -> None:
-        return None
+def _no_debug(*args, **kwargs) -> None:
+    """hpack's debug lines (some 70 per exchange, never shown), skipped at once instead of
+    going through the logging module's level checks."""
 
 
-hpack.hpack.log = _Unlogged("hpack.hpack", logging.WARNING)
-hpack.table.log = _Unlogged("hpack.table", logging.WARNING)
+hpack.hpack.log.debug = _no_debug  # type: ignore[method-assign]
+hpack.table.log.debug = _no_debug  # type: ignore[method-assign]
 
 HUFFMAN_CACHED = 128  # bytes: longer strings are decoded each time (at most ~200 KB kept)
 _decode_huffman = hpack.hpack.decode_huffman

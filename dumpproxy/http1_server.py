@@ -181,9 +181,9 @@ def _absolute(raw: str, redact: bool, check: bool) -> tuple[str, str, int, str]:
     return scheme, host, port or DEFAULT_PORTS[scheme], path
 
 
-# A keep-alive client asks for the same URLs again and again (short ones are kept: at
-# most 128 KB here).
-_absolute_cached = lru_cache(maxsize=128)(_absolute)
+# A keep-alive client asks for the same URLs again and again: the last 64 short ones are
+# kept (each with its path: some 150 KB at most).
+_absolute_cached = lru_cache(maxsize=64)(_absolute)
 
 
 async def serve_http1(ctx: Context, client: Stream, target: Target | None) -> Connect | None:

@@ -199,7 +199,13 @@ class Tunnel:
             host_header=peek.host if dest.host_header else None), peek.sni, self.egress)
         if decision.action == "block":  # known by address, its names not allowed: closed
             return
-        if not data:  # a silent client (or a server-first protocol): the head timeout holds
+        if not data:
+            if self.up is None and getattr(self.client, "ended", None) is not None:
+                # Gone before its first byte (a client's dial it no longer needed: Go's
+                # HTTP client cancels them, several a second under load): a lazy tunnel
+                # makes no connection for it.
+                return
+            # a silent client (or a server-first protocol): the head timeout holds
             left = self.cfg.head_timeout - (time.monotonic() - self.opened)
             await self.relay(first_timeout=max(left, 0.001))
         elif dest.scheme == "https" and peek.kind != "tls" and (

@@ -895,8 +895,8 @@ def test_h2_late_frames_on_a_reset_stream_are_a_stream_error(sender: str) -> Non
 @settings(max_examples=300, deadline=None)
 @given(value=st.binary(max_size=200))
 def test_hpack_huffman_decoding_remembered_decodes_as_hpack_does(value: bytes) -> None:
-    """The remembered Huffman decoder gives hpack's own result for every string (short
-    ones come from the cache the second time), and hpack's decoder is the one HPACK uses."""
+    """The remembered Huffman decoder gives hpack's own result for every string; a short
+    one comes from the cache the second time, a long one (or a bytearray) is never kept."""
     import hpack.hpack
     import hpack.huffman_table
     from hpack.huffman import HuffmanEncoder
@@ -904,19 +904,29 @@ def test_hpack_huffman_decoding_remembered_decodes_as_hpack_does(value: bytes) -
 
     from dumpproxy import h2conn
 
-    assert hpack.hpack.decode_huffman is h2conn.decode_huffman
+    assert hpack.hpack.decode_huffman is h2conn.decode_huffman  # what HPACK calls
+    cache = h2conn._decode_huffman_cached
     coded = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(value)
-    assert h2conn.decode_huffman(coded) == value
     assert h2conn.decode_huffman(coded) == hpack.huffman_table.decode_huffman(coded) == value
+    before = cache.cache_info()
+    assert h2conn.decode_huffman(coded) == value
+    assert h2conn.decode_huffman(bytearray(coded)) == value
+    after = cache.cache_info()
+    short = len(coded) <= h2conn.HUFFMAN_CACHED
+    assert (after.hits - before.hits, after.misses - before.misses) == ((1, 0) if short
+                                                                          else (0, 0))
 
 
 def test_hpack_huffman_errors_are_not_remembered() -> None:
-    """Invalid Huffman input (EOS inside a string) fails each time it is decoded."""
+    """Invalid Huffman input (the EOS code inside a string) fails each time and leaves
+    nothing in the cache."""
     import hpack.exceptions
 
     from dumpproxy import h2conn
 
-    bad = b"\xff\xff\xff\xff"  # the EOS code (30 ones) inside a string: HPACK error
+    bad = b"\xff\xff\xff\xff"
+    size = h2conn._decode_huffman_cached.cache_info().currsize
     for _ in range(2):
         with pytest.raises(hpack.exceptions.HPACKDecodingError):
             h2conn.decode_huffman(bad)
+    assert h2conn._decode_huffman_cached.cache_info().currsize == size

@@ -1219,3 +1219,47 @@ def test_slow_reader_loses_nothing(home, origin):
     assert [e["flow"] for e in events if e["event"] == "response"] == list(range(1, n + 1))
     assert [e["url"] for e in events if e["event"] == "response"] == urls
     assert kinds[-1] == "shutdown" and kinds.count("client_disconnect") == 1
+
+
+# --- the request target (pure) --------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "parts"), [
+    ("http://example.com/a?b=c", ("http", "example.com", 80, "/a?b=c")),
+    ("HTTPS://example.com:8443", ("https", "example.com", 8443, "/")),
+    ("http://[::1]:8080/x", ("http", "::1", 8080, "/x")),
+    ("http://127.0.0.1/" + "p" * 2000, ("http", "127.0.0.1", 80, "/" + "p" * 2000)),
+])
+def test_absolute_targets_parse_the_same_each_time(raw: str, parts: tuple) -> None:
+    """Absolute-form targets (short ones remembered, long ones not) give the same parts on
+    every request of a keep-alive connection."""
+    from dumpproxy.http1_server import parse_target
+
+    assert parse_target(raw, None, True) == parts
+    assert parse_target(raw, None, True) == parts
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("http://example.com:99999/", "bad request target"),
+    ("ftp://example.com/", "unsupported request target"),
+    ("http://exa mple.com/", "invalid host name"),
+    ("/relative", "send absolute-form requests"),
+])
+def test_bad_targets_are_refused_every_time(raw: str, message: str) -> None:
+    """A refusal is never remembered as an answer: the second request is refused too."""
+    from dumpproxy.http1_server import BadRequest, parse_target
+
+    for _ in range(2):
+        with pytest.raises(BadRequest, match=message):
+            parse_target(raw, None, True)
+
+
+def test_absolute_target_inside_a_tunnel_goes_to_the_tunnel() -> None:
+    """Inside a tunnel the tunnel's destination wins and the URL's host is not checked;
+    the same URL then asked of the explicit proxy is checked (the cache keeps them apart)."""
+    from dumpproxy.http1_server import BadRequest, Target, parse_target
+
+    tunnel = Target("https", "app.test", 443, None)
+    assert parse_target("http://a..b/p?q", tunnel, True) == (
+        "https", "app.test", 443, "/p?q")
+    with pytest.raises(BadRequest, match="invalid host name"):
+        parse_target("http://a..b/p?q", None, True)

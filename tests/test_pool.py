@@ -217,3 +217,29 @@ def test_a_tunnel_never_takes_a_pooled_connection_before_it_knows_the_protocol(
     assert (recorded["action"], ignored["action"]) == ("intercept", "passthrough")
     first, second = p.of("server_connect")  # the passed-through tunnel's own connection
     assert (first["conn"], second["conn"]) == (recorded["conn"], ignored["conn"])
+
+
+def test_a_lazy_tunnel_left_before_its_first_byte_makes_no_connection(dumpproxy, origin):
+    """A CONNECT answered without connecting (the pool holds a connection to it) whose
+    client leaves before sending a byte (a dial its HTTP client no longer needed) costs no
+    connection to the destination; one that stays silent is still relayed at the head
+    timeout (a server-first protocol may speak first)."""
+    p = dumpproxy("--head-timeout", "1")
+    assert get(p, origin.url("/small")) == b"hello\n"  # leaves a connection in the pool
+    disconnects(p, 1)
+    target = f"127.0.0.1:{origin.port}"
+    for n in (2, 3, 4):
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert s.recv(4096) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        s.close()
+        disconnects(p, n)
+    assert len(p.of("server_connect")) == 1  # the first request's, nothing since
+    assert len(p.of("decision")) == 4  # each tunnel still has its decision
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    p.wait_for(lambda e: e["event"] == "server_connect", count=2)  # silent: relayed
+    s.close()
+    disconnects(p, 5)
+    assert not p.of("error", stage="http")
