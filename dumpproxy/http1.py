@@ -125,17 +125,15 @@ class Exchange:
         client_sock = self.ctx.stream
         client_sock.on_lost = self._client_lost
         try:
-            try:
+            try:  # (nothing here touches the client's connection)
                 up.wire.send(up.stream, wire.request(self.req.method, self.path, self.headers))
-            except ConnectionError as e:
-                raise _gone(UpstreamGone, e) from None
-            first = self._client_event()
-            if type(first) is wire.EndOfMessage:
-                try:
+                first = self._client_event()
+                if type(first) is wire.EndOfMessage:
                     up.wire.send(up.stream, first)
                     await up.stream.drain()
-                except ConnectionError as e:
-                    raise _gone(UpstreamGone, e) from None
+            except ConnectionError as e:
+                raise _gone(UpstreamGone, e) from None
+            if type(first) is wire.EndOfMessage:
                 return await self._download(None)
             upload = self.ctx.loop.create_task(self._upload(first))
             return await self._with_upload(upload)
@@ -230,32 +228,30 @@ class Exchange:
             raise BadRequestBody(f"malformed request body: {text}") from None
 
     async def _upload(self, ev) -> None:
-        """Client body -> upstream, streamed."""
+        """Client body -> upstream, streamed. (The client's own failures are named where it
+        is read; any other transport failure here is the upstream's.)"""
         up, idle = self.up, self.ctx.cfg.idle_timeout
-        while True:
-            if ev is wire.NEED_DATA:
-                try:
-                    data = await self.client.read(idle)
-                except (StreamTimeout, ConnectionError) as e:
-                    raise ClientGone(f"request body interrupted: {e!r}") from None
-                if not data:  # the parser would call this malformed; it is a departure
-                    raise ClientGone("closed before the request body ended")
-                self.h.receive(data)
-            elif type(ev) is wire.Data:
-                if self.fl is not None:
-                    self.fl.request_data(ev.data)
-                try:
+        try:
+            while True:
+                if ev is wire.NEED_DATA:
+                    try:
+                        data = await self.client.read(idle)
+                    except (StreamTimeout, ConnectionError) as e:
+                        raise ClientGone(f"request body interrupted: {e!r}") from None
+                    if not data:  # the parser would call this malformed; it is a departure
+                        raise ClientGone("closed before the request body ended")
+                    self.h.receive(data)
+                elif type(ev) is wire.Data:
+                    if self.fl is not None:
+                        self.fl.request_data(ev.data)
                     up.wire.send(up.stream, ev)  # type: ignore[union-attr]
                     await up.stream.drain()
-                except ConnectionError as e:
-                    raise _gone(UpstreamGone, e) from None
-            elif type(ev) is wire.EndOfMessage:
-                try:
+                elif type(ev) is wire.EndOfMessage:
                     up.wire.send(up.stream, ev)  # type: ignore[union-attr]
-                except ConnectionError as e:
-                    raise _gone(UpstreamGone, e) from None
-                return
-            ev = self._client_event()
+                    return
+                ev = self._client_event()
+        except ConnectionError as e:
+            raise _gone(UpstreamGone, e) from None
 
     # -- response side --
     def _to_client(self, event) -> None:
