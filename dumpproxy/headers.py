@@ -62,19 +62,26 @@ def header_object(items: Iterable[tuple[bytes, bytes]], redact_credentials: bool
     return out
 
 
+Field = tuple[bytes, bytes, bytes]  # (name as received, lower-case name, value): h11's shape
+
+
+def fields(items: Iterable[tuple[bytes, bytes]]) -> list[Field]:
+    """(name, value) pairs as fields, each name lowered once."""
+    return [(n, n.lower(), v) for n, v in items]
+
+
 class Facts:
-    """What the HTTP/1 bridge asks of one head's fields, found in a single pass (each name
-    lowered once): the first Transfer-Encoding, Content-Length and Upgrade values, whether
-    Host is present, and the names and options listed in Connection."""
+    """What the HTTP/1 bridge asks of one head's fields, found in a single pass: the first
+    Transfer-Encoding, Content-Length and Upgrade values, whether Host is present, and the
+    names and options listed in Connection."""
 
     __slots__ = ("transfer_encoding", "content_length", "upgrade", "host", "connection")
 
-    def __init__(self, items: Iterable[tuple[bytes, bytes]]):
+    def __init__(self, fields: Iterable[Field]):
         te = cl = upgrade = None
         host = False
         tokens: set[bytes] = set()
-        for name, value in items:
-            n = name.lower()
+        for _, n, value in fields:
             if n in _NOTED:
                 if n == b"transfer-encoding":
                     te = value if te is None else te
@@ -109,14 +116,14 @@ _NOTED = frozenset({b"transfer-encoding", b"content-length", b"connection", b"up
 
 def connection_tokens(items: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Field names listed in Connection headers (also hop-by-hop for this message)."""
-    return Facts(items).connection
+    return Facts(fields(items)).connection
 
 
-def forwardable(
-    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False, http2: bool = False,
+def forwardable_fields(
+    head: list[Field], keep_upgrade: bool = False, http2: bool = False,
     tokens: set[bytes] | None = None,
-) -> list[tuple[bytes, bytes]]:
-    """Headers to forward to the next hop: hop-by-hop and Connection-named fields removed
+) -> list[Field]:
+    """Fields to forward to the next hop: hop-by-hop and Connection-named fields removed
     (never the framing ones).
 
     With keep_upgrade, `Upgrade` and `Connection: upgrade` survive so that a WebSocket
@@ -125,16 +132,23 @@ def forwardable(
     when the caller has them (`Facts.connection`).
     """
     if tokens is None:
-        tokens = connection_tokens(items)
+        tokens = Facts(head).connection
     base = H2_FORBIDDEN if http2 else HOP_BY_HOP
     drop = base if not tokens or tokens <= base else base | (tokens - FRAMING)
     if keep_upgrade:
         drop = drop - {b"upgrade"}
-    out = [(n, v) for n, v in items if n.lower() not in drop
-           or (http2 and n == b"te" and v.strip().lower() == b"trailers")]
+    out = [f for f in head if f[1] not in drop
+           or (http2 and f[0] == b"te" and f[2].strip().lower() == b"trailers")]
     if keep_upgrade:
-        out.append((b"Connection", b"upgrade"))
+        out.append((b"Connection", b"connection", b"upgrade"))
     return out
+
+
+def forwardable(
+    items: list[tuple[bytes, bytes]], keep_upgrade: bool = False, http2: bool = False,
+) -> list[tuple[bytes, bytes]]:
+    """`forwardable_fields` for (name, value) pairs."""
+    return [(n, v) for n, _, v in forwardable_fields(fields(items), keep_upgrade, http2)]
 
 
 def header_value(items: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -159,7 +173,7 @@ def body_length(method: str | bytes, status: int, items: list[tuple[bytes, bytes
     if method in ("HEAD", b"HEAD") or status < 200 or status in (204, 304):
         return 0
     if facts is None:
-        facts = Facts(items)
+        facts = Facts(fields(items))
     if facts.transfer_encoding is not None:
         return None
     value = facts.content_length

@@ -96,7 +96,7 @@ class Exchange:
     """One request/response through the bridge."""
 
     def __init__(self, ctx: Context, h: Wire, client: Stream, req: wire.Request,
-                 up: Upstream, path: bytes, headers: list[tuple[bytes, bytes]],
+                 up: Upstream, path: bytes, headers: list[hdr.Field],
                  upgrade: bool, fl: Flow | None):
         self.ctx = ctx
         self.h = h
@@ -291,15 +291,15 @@ class Exchange:
             break
         resp: wire.Response = ev
         rh = resp.headers.raw_items()  # (a new list)
-        facts = hdr.Facts(rh)
+        facts = hdr.Facts(wire.fields(resp))
         if facts.framing_conflict:
             raise BadResponse(f"{self.up.address} sent both Content-Length and "
                               "Transfer-Encoding")
         self.status = resp.status_code
         self.head = (resp.reason, rh)
-        self._to_client(wire.response(resp.status_code,
-                                      hdr.forwardable(rh, tokens=facts.connection),
-                                      resp.reason))
+        self._to_client(wire.response(
+            resp.status_code, hdr.forwardable_fields(wire.fields(resp), tokens=facts.connection),
+            resp.reason))
         self.phase = Phase.RESPONSE
         length = hdr.body_length(self.req.method, resp.status_code, rh, facts)
         if length is not None:

@@ -74,7 +74,7 @@ async def _answer(ctx: Context, h: Wire, client: Stream, req: wire.Request, rec:
     reason = (rec.reason or hdr.reason_phrase(rec.status)).encode("latin-1", "replace")
     fl.replayed = rec.source
     try:
-        h.send(client, wire.response(rec.status, out, reason))
+        h.send(client, wire.response(rec.status, hdr.fields(out), reason))
         if data:
             h.send_body(client, data)
         h.send(client, wire.EndOfMessage())

@@ -262,7 +262,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
 
     if denied:
         return refuse(ctx, h, client, "auth", 407, denied, record(), extra=auth.CHALLENGE)
-    facts = hdr.Facts(items)
+    facts = hdr.Facts(wire.fields(req))
     try:
         check_head(req, items, facts)
     except BadRequest as e:
@@ -308,16 +308,17 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         fl = None
         services.stats.requests += 1
     upgrade = facts.wants_upgrade
-    out = hdr.forwardable(items, keep_upgrade=upgrade, tokens=facts.connection)
+    out = hdr.forwardable_fields(wire.fields(req), keep_upgrade=upgrade,
+                                 tokens=facts.connection)
     if target is not None and target.authority is not None:  # reverse mode
-        out = [(n, v) for n, v in out if n.lower() != b"host"]
-        out.insert(0, (b"Host", target.authority))
+        out = [f for f in out if f[1] != b"host"]
+        out.insert(0, (b"Host", b"host", target.authority))
     elif not facts.host or b"host" in facts.connection:  # none, or Connection named it
-        out.insert(0, (b"Host", join_host_port(host, port).encode()))
+        out.insert(0, (b"Host", b"host", join_host_port(host, port).encode()))
     wire_target = path.encode()
     if up.absolute_form:  # to an upstream proxy: absolute form, with its credentials
         wire_target = build_url(scheme, host, port, path).encode()
-        out.extend(up.proxy_headers)
+        out.extend(hdr.fields(up.proxy_headers))
     if forward is not None:
         return await ForwardedExchange(ctx, h, client, req, up, wire_target, out, upgrade, fl,
                                        events=forward.events).run()

@@ -79,14 +79,21 @@ def parser_version() -> str:
     return f"h11 {h11.__version__}"
 
 
-def _headers(headers: list[tuple[bytes, bytes]]) -> Headers:
-    """h11's header list from fields a parser already validated and normalised."""
+def fields(ev: h11.Request | h11.Response | h11.InformationalResponse) -> list[hdr.Field]:
+    """A head's fields as (name, lower-case name, value): h11 keeps them so, whichever
+    parser read the head. The list is the event's own: read it, never change it."""
+    return ev.headers._full_items  # type: ignore[attr-defined]
+
+
+def _headers(head: list[hdr.Field]) -> Headers:
+    """h11's header list from fields a parser already validated and normalised (a new
+    list the caller hands over)."""
     out = object.__new__(Headers)
-    object.__setattr__(out, "_full_items", [(n, n.lower(), v) for n, v in headers])
+    object.__setattr__(out, "_full_items", head)
     return out
 
 
-def request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> h11.Request:
+def request(method: bytes, target: bytes, headers: list[hdr.Field]) -> h11.Request:
     """A request head whose fields came out of a parser (already validated): h11's
     per-field checks, the largest cost of a small exchange, are skipped."""
     ev = object.__new__(h11.Request)
@@ -97,7 +104,7 @@ def request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) ->
     return ev
 
 
-def response(status: int, headers: list[tuple[bytes, bytes]], reason: bytes) -> h11.Response:
+def response(status: int, headers: list[hdr.Field], reason: bytes) -> h11.Response:
     """A response head from already-parsed fields (see `request`)."""
     ev = object.__new__(h11.Response)
     object.__setattr__(ev, "status_code", status)

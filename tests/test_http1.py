@@ -1263,3 +1263,31 @@ def test_absolute_target_inside_a_tunnel_goes_to_the_tunnel() -> None:
         "https", "app.test", 443, "/p?q")
     with pytest.raises(BadRequest, match="invalid host name"):
         parse_target("http://a..b/p?q", None, True)
+
+
+# --- forwarded fields (pure) ----------------------------------------------------------------
+
+def test_forwarded_fields_keep_names_as_received_and_drop_hop_by_hop() -> None:
+    """Fields travel as (name as received, lower-case name, value): what is dropped is
+    decided on the lower-case name, what is sent keeps the client's spelling, and the pair
+    form gives the same answer."""
+    from dumpproxy import headers as hdr
+
+    pairs = [(b"Host", b"h"), (b"X-Keep", b"1"), (b"Keep-Alive", b"timeout=5"),
+             (b"Connection", b"keep-alive, X-Private"), (b"x-private", b"2"),
+             (b"Content-Length", b"3"), (b"Proxy-Authorization", b"Basic eA==")]
+    head = hdr.fields(pairs)
+    assert head[1] == (b"X-Keep", b"x-keep", b"1")
+    facts = hdr.Facts(head)
+    assert facts.connection == {b"keep-alive", b"x-private"} and facts.host
+    out = hdr.forwardable_fields(head, tokens=facts.connection)
+    assert out == [(b"Host", b"host", b"h"), (b"X-Keep", b"x-keep", b"1"),
+                   (b"Content-Length", b"content-length", b"3")]
+    assert hdr.forwardable(pairs) == [(n, v) for n, _, v in out]
+    assert head == hdr.fields(pairs)  # the received fields are left as they were
+    upgrade = hdr.fields([(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")])
+    assert hdr.forwardable_fields(upgrade, keep_upgrade=True) == [
+        (b"Upgrade", b"upgrade", b"websocket"), (b"Connection", b"connection", b"upgrade")]
+    # Connection cannot make a framing field hop-by-hop
+    framing = hdr.fields([(b"Connection", b"content-length"), (b"Content-Length", b"0")])
+    assert hdr.forwardable_fields(framing) == [(b"Content-Length", b"content-length", b"0")]

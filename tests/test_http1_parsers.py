@@ -35,6 +35,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz import HEADER_NAMES, HEADER_VALUES, TOKEN, VISIBLE, fuzz, mutated, split_at
 
+from dumpproxy import headers as hdr
 from dumpproxy import http1_wire as wire
 from dumpproxy.http1_llhttp import LlhttpConnection
 from dumpproxy.http1_wire import H11Connection, Wire
@@ -62,26 +63,34 @@ def _event(ev) -> tuple:
     return ("paused",) if ev is wire.PAUSED else (repr(ev),)
 
 
+def _response(status: int, pairs: list, reason: bytes) -> wire.Response:
+    return wire.response(status, hdr.fields(pairs), reason)
+
+
+def _request(method: bytes, target: bytes, pairs: list) -> wire.Request:
+    return wire.request(method, target, hdr.fields(pairs))
+
+
 # What a driver sends: a server's answers (one per request, in turn), a client's requests.
 ANSWERS = [
-    [wire.response(200, [(b"Content-Length", b"2")], b"OK"), b"ok"],
-    [wire.response(200, [(b"Content-Type", b"text/plain")], b"OK"), b"streamed", b"!"],
-    [wire.response(204, [], b"No Content")],
+    [_response(200, [(b"Content-Length", b"2")], b"OK"), b"ok"],
+    [_response(200, [(b"Content-Type", b"text/plain")], b"OK"), b"streamed", b"!"],
+    [_response(204, [], b"No Content")],
     [wire.InformationalResponse(status_code=100, headers=[], reason=b"Continue"),
-     wire.response(404, [(b"Connection", b"keep-alive"), (b"Content-Length", b"0")],
+     _response(404, [(b"Connection", b"keep-alive"), (b"Content-Length", b"0")],
                    b"Not Found")],
     [wire.InformationalResponse(status_code=101, headers=[(b"Upgrade", b"x")],
                                 reason=b"Switching Protocols")],
-    [wire.response(200, [(b"Transfer-Encoding", b"chunked")], b"OK"), b"abc"],
+    [_response(200, [(b"Transfer-Encoding", b"chunked")], b"OK"), b"abc"],
 ]
 REQUESTS = [
-    [wire.request(b"GET", b"/", [(b"Host", b"x")])],
-    [wire.request(b"HEAD", b"/", [(b"Host", b"x")])],
-    [wire.request(b"POST", b"/", [(b"Host", b"x"), (b"Content-Length", b"3")]), b"abc"],
-    [wire.request(b"CONNECT", b"x:443", [(b"Host", b"x:443")])],
-    [wire.request(b"GET", b"/ws", [(b"Host", b"x"), (b"Upgrade", b"websocket"),
+    [_request(b"GET", b"/", [(b"Host", b"x")])],
+    [_request(b"HEAD", b"/", [(b"Host", b"x")])],
+    [_request(b"POST", b"/", [(b"Host", b"x"), (b"Content-Length", b"3")]), b"abc"],
+    [_request(b"CONNECT", b"x:443", [(b"Host", b"x:443")])],
+    [_request(b"GET", b"/ws", [(b"Host", b"x"), (b"Upgrade", b"websocket"),
                                    (b"Connection", b"upgrade")])],
-    [wire.request(b"POST", b"/", [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked"),
+    [_request(b"POST", b"/", [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked"),
                                   (b"Connection", b"close")]), b"abc", b"de"],
 ]
 
@@ -577,7 +586,7 @@ UPGRADE11 = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: ws\r\nConnection: upgrade\r\
 
 
 def _resp(status: int, *fields: tuple[bytes, bytes], reason: bytes = b"R") -> wire.Response:
-    return wire.response(status, list(fields), reason)
+    return _response(status, list(fields), reason)
 
 
 WRITER_CASES = {
@@ -657,15 +666,15 @@ def test_server_writer_as_h11_writes(case: str) -> None:
 
 
 CLIENT_CASES = {
-    "GET, Host first": [wire.request(b"GET", b"/p", [(b"A", b"1"), (b"Host", b"h")]),
+    "GET, Host first": [_request(b"GET", b"/p", [(b"A", b"1"), (b"Host", b"h")]),
                         wire.EndOfMessage()],
-    "POST content-length": [wire.request(b"POST", b"/", [(b"Host", b"h"),
+    "POST content-length": [_request(b"POST", b"/", [(b"Host", b"h"),
                                                          (b"Content-Length", b"3")]),
                             wire.Data(data=b"abc"), wire.EndOfMessage()],
-    "POST chunked": [wire.request(b"POST", b"/", [(b"Host", b"h"),
+    "POST chunked": [_request(b"POST", b"/", [(b"Host", b"h"),
                                                   (b"Transfer-Encoding", b"chunked")]),
                      wire.Data(data=b"abc"), wire.EndOfMessage(headers=[(b"T", b"1")])],
-    "POST with no framing sends no body": [wire.request(b"POST", b"/", [(b"Host", b"h")]),
+    "POST with no framing sends no body": [_request(b"POST", b"/", [(b"Host", b"h")]),
                                            wire.Data(data=b"abc")],
     "CONNECT": [wire.Request(method=b"CONNECT", target=b"h:1", headers=[(b"Host", b"h:1")]),
                 wire.EndOfMessage()],
@@ -689,7 +698,7 @@ def test_client_writer_bytes() -> None:
 def test_send_after_a_local_error_is_refused_alike() -> None:
     for engine in ENGINES.values():
         c = engine("client", MAX_HEAD)
-        c.send(wire.request(b"POST", b"/", [(b"Host", b"h"), (b"Content-Length", b"1")]))
+        c.send(_request(b"POST", b"/", [(b"Host", b"h"), (b"Content-Length", b"1")]))
         with pytest.raises(wire.LocalProtocolError, match="Too much data"):
             c.send(wire.Data(data=b"ab"))
         with pytest.raises(wire.LocalProtocolError, match="state is ERROR"):
@@ -775,7 +784,7 @@ def test_empty_lines_between_pipelined_requests_are_ignored(parser: str) -> None
     assert [type(w.next_event()) for _ in range(3)] == [wire.Request, wire.Data,
                                                         wire.EndOfMessage]
     sink = _Sink()
-    w.send(sink, wire.response(200, [(b"content-length", b"0")], b"OK"))
+    w.send(sink, _response(200, [(b"content-length", b"0")], b"OK"))
     w.send(sink, wire.EndOfMessage())
     assert w.next_cycle()
     ev = w.next_event()

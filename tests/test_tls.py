@@ -359,6 +359,26 @@ def test_returning_client_resumes_its_session(dumpproxy, tls_origin, pki, versio
     assert len(dp.of("tls", side="client")) == 2  # each connection still has its event
 
 
+@pytest.mark.parametrize("version, offer, chosen", [
+    ("1.3", ["--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"],
+     "TLS_CHACHA20_POLY1305_SHA256"),
+    ("1.3", ["--tls13-ciphers", "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"],
+     "TLS_AES_128_GCM_SHA256"),
+    ("1.2", ["--ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384"],
+     "ECDHE-ECDSA-CHACHA20-POLY1305"),
+])
+def test_the_client_order_of_cipher_suites_wins(dumpproxy, tls_origin, pki, version, offer,
+                                                 chosen):
+    """Among the suites both sides accept, the client's first choice is taken (ChaCha20 for
+    a client without AES instructions, AES-128 for one with them), not the server's."""
+    dp = dumpproxy("--upstream-ca", str(pki.ca_path))
+    r = proxied(dp, tls_origin, "--tlsv" + version, "--tls-max", version, *offer)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello\n\n200"
+    tls = dp.wait_for(lambda e: e["event"] == "tls" and e["side"] == "client")
+    assert (tls["version"], tls["cipher"]) == ("TLSv" + version, chosen)
+
+
 # --- the CA on disk ------------------------------------------------------------------------
 
 
