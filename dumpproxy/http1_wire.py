@@ -95,7 +95,8 @@ def _headers(head: list[hdr.Field]) -> Headers:
 
 def request(method: bytes, target: bytes, headers: list[hdr.Field]) -> h11.Request:
     """A request head whose fields came out of a parser (already validated): h11's
-    per-field checks, the largest cost of a small exchange, are skipped."""
+    per-field checks, the largest cost of a small exchange, are skipped. The head keeps
+    the list it is given: a new one (`headers.forwardable_fields` makes one)."""
     ev = object.__new__(h11.Request)
     object.__setattr__(ev, "method", method)
     object.__setattr__(ev, "target", target)
