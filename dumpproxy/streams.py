@@ -348,10 +348,14 @@ class TLSStream(Stream):
                 await self._flush_quietly()  # let the peer see our alert
                 raise
         # A TLS 1.3 server's last words in the handshake are session tickets, which no
-        # client waits for: they leave with the first response (one send, not two).
-        # Nothing else a TLS 1.3 server writes unasked is awaited either (no
-        # renegotiation; a key update's answer is not).
-        self._hold_out = server_side and obj.version() == "TLSv1.3"
+        # client waits for: when the client's first bytes came with its Finished, they
+        # leave with the first response (one send, not two). Otherwise they leave now: a
+        # client with Nagle's algorithm on (no TCP_NODELAY: Java's and Python's plain
+        # sockets) holds its request until its Finished is acknowledged, and an ACK with
+        # no data to ride on is delayed up to 40 ms. Nothing else a TLS 1.3 server writes
+        # unasked is awaited (no renegotiation; a key update's answer is not).
+        self._hold_out = (server_side and obj.version() == "TLSv1.3"
+                          and bool(incoming.pending or inner.buffered))
         if not self._hold_out:
             await self._flush()
         return self

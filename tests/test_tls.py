@@ -9,6 +9,7 @@ import datetime
 import http.client
 import ipaddress
 import os
+import select
 import ssl
 import stat
 import subprocess
@@ -339,7 +340,8 @@ def test_leaf_is_cached_per_host(dumpproxy, tls_origin, pki):
 def test_returning_client_resumes_its_session(dumpproxy, tls_origin, pki, version):
     """Leaf contexts are kept per name, so a client that kept its session (a ticket)
     resumes on its next connection: no certificate, no signature. TLS 1.3 clients get one
-    ticket per connection, with the first reply."""
+    ticket per connection (with the first reply when the request came with the
+    handshake's end, else at once)."""
     dp = dumpproxy("--upstream-ca", str(pki.ca_path))
     cafile = ca_cert_path(dp)
     target = f"127.0.0.1:{tls_origin.port}"
@@ -357,6 +359,26 @@ def test_returning_client_resumes_its_session(dumpproxy, tls_origin, pki, versio
         assert get(tls, "localhost") == b"hello\n"
     dp.stop()
     assert len(dp.of("tls", side="client")) == 2  # each connection still has its event
+
+
+def test_a_client_yet_to_speak_gets_its_ticket_at_once(dumpproxy, tls_origin, pki):
+    """The session ticket waits for the first response only when the request came with the
+    client's Finished. A client with Nagle's algorithm on (no TCP_NODELAY, as here) sends
+    its request only once its Finished is acknowledged, and an acknowledgement with no
+    data to carry is delayed up to 40 ms: seen as the ticket arriving before the client
+    says anything, through an eager tunnel and then a lazy one (on the pooled upstream)."""
+    dp = dumpproxy("--upstream-ca", str(pki.ca_path))
+    ctx = ssl.create_default_context(cafile=str(ca_cert_path(dp)))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    for _ in range(2):
+        raw = open_tunnel(dp.port, f"127.0.0.1:{tls_origin.port}")
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            readable, _, _ = select.select([tls], [], [], 10)
+            assert readable, "the proxy sent nothing after the handshake"
+            assert get(tls, "localhost") == b"hello\n"
+            assert tls.session is not None and tls.session.has_ticket
+    dp.stop()
+    assert len(dp.of("server_connect")) == 1  # the second tunnel was lazy (pooled upstream)
 
 
 @pytest.mark.parametrize("version, offer, chosen", [
