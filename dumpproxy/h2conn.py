@@ -16,6 +16,9 @@ either breaks here and nowhere else:
 - HPACK's Huffman decoder (Python, a step per input byte) remembers the short strings it
   decoded: an origin sends the same Huffman-coded values (server, content-type, etag...)
   in every response, and its decoder was the costliest function of an HTTP/2 exchange.
+
+What the bridge sends on is marked for HPACK here too (`never_indexed`): h2's outbound
+normalisation, which would mark credentials, is off (see `new_connection`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import hpack.table
 import hyperframe.frame
 from h2.connection import _decode_headers  # the HPACK step h2 itself uses
 from h2.stream import StreamClosedBy
+from hpack import NeverIndexedHeaderTuple
 
 STREAM_WINDOW = 1024 * 1024  # per-stream receive window we grant
 CONNECTION_WINDOW = 4 * 1024 * 1024  # and per connection: the most we ever buffer
@@ -65,6 +69,20 @@ def decode_huffman(data: bytes) -> bytes:
 
 
 hpack.hpack.decode_huffman = decode_huffman
+
+
+CREDENTIALS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def never_indexed(received: list, out: list[tuple[bytes, bytes]]) -> list:
+    """out's fields as HPACK must send them on: never indexed where the sender marked them
+    so (RFC 7541 7.1.3: an intermediary keeps that representation) and, as h2's own
+    outbound normalisation would, for credentials and cookies under 20 bytes (a
+    compression context must not let a guessed secret be checked: CRIME)."""
+    kept = {(h[0], h[1]) for h in received if type(h) is NeverIndexedHeaderTuple}
+    return [NeverIndexedHeaderTuple(n, v)
+            if n in CREDENTIALS or (n == b"cookie" and len(v) < 20) or (kept and (n, v) in kept)
+            else (n, v) for n, v in out]
 
 
 class Connection(h2.connection.H2Connection):

@@ -33,7 +33,7 @@ from dumpproxy import headers as hdr
 from dumpproxy.addresses import join_host_port
 from dumpproxy.context import Context
 from dumpproxy.flows import Flow
-from dumpproxy.h2conn import MAX_STREAMS, Connection, goaway, new_connection
+from dumpproxy.h2conn import MAX_STREAMS, Connection, goaway, never_indexed, new_connection
 from dumpproxy.replay import MAX_REQUEST_BODY, Recorded
 from dumpproxy.replay import Request as ReplayRequest
 from dumpproxy.replaysource import BodyUnreadable, recorded_response
@@ -215,7 +215,8 @@ def _server_of(pair: Pair) -> int | None:
 
 
 def _regular(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(n, v) for n, v in headers if not n.startswith(b":")]
+    """The fields that are not pseudo-headers (as received: HPACK's marks kept)."""
+    return [h for h in headers if not h[0].startswith(b":")]
 
 
 def _pseudo(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
@@ -223,7 +224,7 @@ def _pseudo(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 
 
 def _forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return hdr.forwardable(headers, http2=True)
+    return never_indexed(headers, hdr.forwardable(headers, http2=True))
 
 
 def _discard(leg: Direction, source: Side | None, sid: int) -> None:
@@ -740,11 +741,10 @@ class H2Bridge:
         path = pseudo.get(b":path", b"/").decode("latin-1")
         flow = Flow(self.ctx, method, self.scheme, self.host, self.port, path,
                     "HTTP/2.0", _regular(headers))
-        out = [(n, v) for n, v in headers if n.startswith(b":")] + _forwardable(
-            _regular(headers))
+        out = [h for h in headers if h[0].startswith(b":")] + _forwardable(_regular(headers))
         if self.authority is not None:  # reverse mode: the target's, whatever the client said
-            out = [(n, self.authority if n == b":authority" else v) for n, v in out
-                   if n != b"host"]
+            out = [(b":authority", self.authority) if h[0] == b":authority" else h
+                   for h in out if h[0] != b"host"]
         pair = Pair(ev.stream_id, flow, out)
         if ev.stream_ended is not None:
             pair.up.state = Leg.ENDED

@@ -17,6 +17,7 @@ import h2.errors
 import h2.settings
 import hyperframe.frame
 import pytest
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from inprocess import H2Peer, Rig, h2_client, h2_origin, h2_request, ok, run, settle
@@ -467,6 +468,45 @@ def test_h2_request_trailers_reach_the_origin() -> None:
         assert rig.kinds() == ["server_connect", "request", "response", "server_disconnect"]
         [resp] = rig.of("response")
         assert (resp["request_bytes"], resp["response_bytes"]) == (10, 4)
+
+    run(main)
+
+
+def test_h2_fields_kept_out_of_hpack_tables_stay_so() -> None:
+    """A field the sender marked never-indexed reaches the other side marked so (RFC 7541
+    7.1.3), whichever way it goes; credentials are marked whatever the client did, as h2
+    itself marks them; other fields stay indexable. (Short cookies are marked too, but an
+    h2 receiver marks every cookie it joins, so this origin cannot tell.)"""
+    secret = NeverIndexedHeaderTuple(b"x-secret", b"s3cret")
+
+    async def serve(o: H2Peer) -> None:
+        await o.until(lambda: o.ended(1))
+        o.conn.send_headers(1, ok(b"done", NeverIndexedHeaderTuple(b"set-cookie", b"id=1"),
+                                  (b"x-plain", b"1")), end_stream=False)
+        o.conn.send_data(1, b"done", end_stream=True)
+        o.flush()
+
+    async def main() -> None:
+        rig = Rig(h2_origin(serve))
+        c, serving = await h2_client(rig)
+        c.conn.config.normalize_outbound_headers = False  # h2 would mark credentials itself
+        c.conn.send_headers(1, [HeaderTuple(n, v) for n, v in h2_request(
+            "GET", "/", (b"authorization", b"Bearer t"), (b"x-plain", b"2"))] + [secret],
+            end_stream=True)
+        c.flush()
+        await c.until(lambda: c.ended(1))
+        c.close()
+        await serving
+
+        [o] = await rig.origins()
+        got = {h[0]: h for h in o.streams[1].headers}
+        never = {n for n, h in got.items() if isinstance(h, NeverIndexedHeaderTuple)}
+        assert never == {b"authorization", b"x-secret"}
+        assert got[b"x-secret"][1] == b"s3cret" and got[b"x-plain"][1] == b"2"
+        back = {h[0]: h for h in c.streams[1].headers}
+        assert isinstance(back[b"set-cookie"], NeverIndexedHeaderTuple)
+        assert not isinstance(back[b"x-plain"], NeverIndexedHeaderTuple)
+        assert c.streams[1].body == b"done"
 
     run(main)
 
@@ -930,3 +970,17 @@ def test_hpack_huffman_errors_are_not_remembered() -> None:
         with pytest.raises(hpack.exceptions.HPACKDecodingError):
             h2conn.decode_huffman(bad)
     assert h2conn._decode_huffman_cached.cache_info().currsize == size
+
+
+def test_never_indexed_marks_what_hpack_must_not_index() -> None:
+    """Pure: marks kept per (name, value), credentials and cookies under 20 bytes marked,
+    everything else left as plain pairs."""
+    from dumpproxy.h2conn import never_indexed
+
+    received = [HeaderTuple(b"cookie", b"a=1"), HeaderTuple(b"cookie", b"b" * 20),
+                NeverIndexedHeaderTuple(b"x-s", b"1"), HeaderTuple(b"x-s", b"2"),
+                HeaderTuple(b"proxy-authorization", b"Basic eA==")]
+    out = never_indexed(received, [(h[0], h[1]) for h in received])
+    assert [isinstance(h, NeverIndexedHeaderTuple) for h in out] == [
+        True, False, True, False, True]
+    assert [tuple(h) for h in out] == [tuple(h) for h in received]
