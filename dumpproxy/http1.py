@@ -291,14 +291,15 @@ class Exchange:
             break
         resp: wire.Response = ev
         rh = resp.headers.raw_items()  # (a new list)
-        facts = hdr.Facts(wire.fields(resp))
+        head = wire.fields(resp)
+        facts = hdr.Facts(head)
         if facts.framing_conflict:
             raise BadResponse(f"{self.up.address} sent both Content-Length and "
                               "Transfer-Encoding")
         self.status = resp.status_code
         self.head = (resp.reason, rh)
         self._to_client(wire.response(
-            resp.status_code, hdr.forwardable_fields(wire.fields(resp), tokens=facts.connection),
+            resp.status_code, hdr.forwardable_fields(head, tokens=facts.connection),
             resp.reason))
         self.phase = Phase.RESPONSE
         length = hdr.body_length(self.req.method, resp.status_code, rh, facts)

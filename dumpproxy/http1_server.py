@@ -262,7 +262,8 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
 
     if denied:
         return refuse(ctx, h, client, "auth", 407, denied, record(), extra=auth.CHALLENGE)
-    facts = hdr.Facts(wire.fields(req))
+    head = wire.fields(req)
+    facts = hdr.Facts(head)
     try:
         check_head(req, items, facts)
     except BadRequest as e:
@@ -308,8 +309,7 @@ async def _exchange(ctx: Context, h: Wire, client: Stream, req: wire.Request,
         fl = None
         services.stats.requests += 1
     upgrade = facts.wants_upgrade
-    out = hdr.forwardable_fields(wire.fields(req), keep_upgrade=upgrade,
-                                 tokens=facts.connection)
+    out = hdr.forwardable_fields(head, keep_upgrade=upgrade, tokens=facts.connection)
     if target is not None and target.authority is not None:  # reverse mode
         out = [f for f in out if f[1] != b"host"]
         out.insert(0, (b"Host", b"host", target.authority))

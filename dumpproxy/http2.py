@@ -739,9 +739,10 @@ class H2Bridge:
         pseudo = _pseudo(headers)
         method = pseudo.get(b":method", b"").decode("latin-1")
         path = pseudo.get(b":path", b"/").decode("latin-1")
+        regular = _regular(headers)
         flow = Flow(self.ctx, method, self.scheme, self.host, self.port, path,
-                    "HTTP/2.0", _regular(headers))
-        out = [h for h in headers if h[0].startswith(b":")] + _forwardable(_regular(headers))
+                    "HTTP/2.0", regular)
+        out = [h for h in headers if h[0].startswith(b":")] + _forwardable(regular)
         if self.authority is not None:  # reverse mode: the target's, whatever the client said
             out = [(b":authority", self.authority) if h[0] == b":authority" else h
                    for h in out if h[0] != b"host"]
