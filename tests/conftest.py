@@ -144,13 +144,35 @@ def _events_match_schema():
     assert not lost, "requests without exactly one response:\n" + "\n".join(lost[:20])
 
 
+def _check_counts() -> dict[str, int]:
+    return {"validated": SCHEMA_CHECK.validated, "invalid": len(SCHEMA_CHECK.failures),
+            "flows": FLOW_CHECK.checked, "lost": len(FLOW_CHECK.failures)}
+
+
+WORKER_COUNTS: list[dict[str, int]] = []  # what each pytest-xdist worker checked
+
+
+def pytest_sessionfinish(session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # an xdist worker: its counts go to the controller's summary
+        output["check_counts"] = _check_counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    WORKER_COUNTS.append(getattr(node, "workeroutput", {}).get("check_counts", {}))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
+    total = _check_counts()
+    for counts in WORKER_COUNTS:
+        for key, n in counts.items():
+            total[key] += n
     terminalreporter.write_line(
-        f"event schema: {SCHEMA_CHECK.validated} event lines validated, "
-        f"{len(SCHEMA_CHECK.failures)} failed")
+        f"event schema: {total['validated']} event lines validated, {total['invalid']} failed")
     terminalreporter.write_line(
-        f"record invariant: {FLOW_CHECK.checked} flows checked at shutdown, "
-        f"{len(FLOW_CHECK.failures)} without exactly one response")
+        f"record invariant: {total['flows']} flows checked at shutdown, "
+        f"{total['lost']} without exactly one response")
 
 
 # --- dumpproxy under test --------------------------------------------------------------

@@ -13,14 +13,20 @@ that was gone, blocked its teardown.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from conftest import Origin, close_listener
 from test_hardening import CountingH2Origin
 from test_http1 import RawOrigin
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def blocked_in_accept() -> tuple[socket.socket, threading.Thread, list[object]]:
@@ -122,3 +128,21 @@ def test_helper_origins_leave_no_thread_in_accept(pki):
         assert thread.is_alive()  # waiting for a connection that never comes
         helper.close()
         assert not thread.is_alive(), type(helper).__name__
+
+
+def test_the_suite_summary_counts_what_every_worker_checked():
+    """The schema and record checks run in each pytest-xdist worker; the summary line is
+    the controller's: it adds up what the workers checked, the same as one process."""
+    modules = ["tests/test_modes_socks5.py", "tests/test_modes_upstream.py"]
+    summaries = []
+    for workers in ("2", "0"):
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "-n", workers, *modules], cwd=ROOT, capture_output=True,
+                           text=True, timeout=110)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        summaries.append(re.findall(r"^(?:event schema|record invariant): .*$", r.stdout,
+                                    re.M))
+    assert summaries[0] == summaries[1] and len(summaries[0]) == 2, summaries
+    validated = int(re.search(r"(\d+) event lines validated", summaries[0][0]).group(1))
+    flows = int(re.search(r"(\d+) flows checked", summaries[0][1]).group(1))
+    assert validated > 0 and flows > 0, summaries
