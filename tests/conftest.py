@@ -697,6 +697,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound and never
+    listening. A port merely closed again (free_port) can be taken meanwhile by any
+    process binding port 0, the proxy under test included (it then connects to itself),
+    and more often with tests in two processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 def rss_kb(pid: int) -> int:
     """Peak resident set (VmHWM) of a process, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -743,9 +743,9 @@ def test_credentials_redaction_and_joining(dumpproxy, origin, redact):
 # --- upstream failures ----------------------------------------------------------------------
 
 
-def test_connection_refused_gives_502(dumpproxy, origin):
+def test_connection_refused_gives_502(dumpproxy, origin, refused_port):
     p = dumpproxy()
-    port = free_port()
+    port = refused_port
     r = proxied(p, "-w", "|%{http_code}", "-D", "/dev/stderr", f"http://127.0.0.1:{port}/x")
     assert r.returncode == 0, r.stderr
     body, _, status = r.stdout.decode().rpartition("|")

@@ -108,10 +108,8 @@ def test_ignored_target_is_relayed_raw(dumpproxy, tls_origin, pki):
     assert not p.of("tls") and not p.of("request") and not p.of("error")
 
 
-def test_unreachable_target_gives_502_to_plain_clients(dumpproxy, pki):
-    from conftest import free_port
-
-    dead = free_port()
+def test_unreachable_target_gives_502_to_plain_clients(dumpproxy, pki, refused_port):
+    dead = refused_port
     p = reverse(dumpproxy, pki, f"http://127.0.0.1:{dead}")
     r = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{p.port}/")
     assert r.stdout == b"502"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import Origin, curl, free_port
+from conftest import Origin, curl
 
 from dumpproxy import socks5
 
@@ -125,9 +125,9 @@ def test_bind_and_udp_associate_are_command_not_supported(dumpproxy, command):
     assert not p.of("server_connect")
 
 
-def test_reply_codes_for_refused_unknown_name_and_bad_address_type(dumpproxy):
+def test_reply_codes_for_refused_unknown_name_and_bad_address_type(dumpproxy, refused_port):
     p = socks_proxy(dumpproxy, hosts={})  # a private resolver: unknown names fail at once
-    closed = free_port()
+    closed = refused_port
     got = _raw(p.port, HELLO, socks5.encode_request(socks5.CONNECT, "127.0.0.1", closed))
     assert got[2:4] == bytes((5, socks5.CONNECTION_REFUSED))
     got = _raw(p.port, HELLO, socks5.encode_request(socks5.CONNECT, "no-such-host.test", 80))

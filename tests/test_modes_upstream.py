@@ -108,8 +108,8 @@ def test_chain_dumpproxy_dumpproxy_tinyproxy(dumpproxy, tinyproxy, origin, tls_o
         assert not any(k.lower() == "proxy-authorization" for k in headers), headers
 
 
-def test_failing_upstream_proxy_gives_502_naming_it(dumpproxy, tls_origin, origin):
-    dead = free_port()
+def test_failing_upstream_proxy_gives_502_naming_it(dumpproxy, tls_origin, origin, refused_port):
+    dead = refused_port
     a = dumpproxy("--mode", f"upstream:http://127.0.0.1:{dead}")
     r = curl("-x", f"http://127.0.0.1:{a.port}", "-o", "/dev/null", "-w", "%{http_code}",
              origin.url())

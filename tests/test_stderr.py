@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import socket
 
-from conftest import DumpProxy, Origin, curl, parse_events, run_cli
+from conftest import DumpProxy, curl, parse_events, run_cli
 
 from dumpproxy.textformat import error_line, format_text
 
 
-def closed_port() -> int:
-    o = Origin()
-    port = o.port
-    o.close()
-    return port
-
-
-def test_wrap_mode_error_reaches_stderr_while_stdout_is_filtered(home):
-    port = closed_port()
+def test_wrap_mode_error_reaches_stderr_while_stdout_is_filtered(home, refused_port):
+    port = refused_port
     r = run_cli("--", "curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/x", home=home)
     assert r.returncode == 0, r.stderr
     events = parse_events(r.stdout)
@@ -29,8 +22,8 @@ def test_wrap_mode_error_reaches_stderr_while_stdout_is_filtered(home):
         f"cannot connect to 127.0.0.1:{port}: Connection refused\n")
 
 
-def test_every_error_event_is_one_stderr_line(home):
-    port = closed_port()
+def test_every_error_event_is_one_stderr_line(home, refused_port):
+    port = refused_port
     p = DumpProxy(["-p", "0"], home)
     try:
         r = curl("-x", p.url, "-o", "/dev/null", "-w", "%{http_code}",
@@ -50,8 +43,8 @@ def test_every_error_event_is_one_stderr_line(home):
     assert lines[2] == f"dumpproxy: {errors[1]['client']}: error (http): {errors[1]['message']}"
 
 
-def test_quiet_silences_error_lines(home):
-    port = closed_port()
+def test_quiet_silences_error_lines(home, refused_port):
+    port = refused_port
     r = run_cli("-q", "--", "curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/x",
                 home=home)
     assert r.returncode == 0 and r.stderr == b""
