@@ -691,8 +691,38 @@ def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout, env=env)
 
 
+def _port_block() -> range:
+    """Where free_port() picks: below the kernel's ephemeral range, which bind(0) and
+    outgoing connections draw from, so no other process is handed the port between the
+    pick and the server's own bind; a block of its own for each pytest-xdist worker."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    n = int(worker) % 8 if worker.isdigit() else 0
+    first = low - 8 * 1000 + n * 1000
+    return range(first, first + 1000) if first >= 1024 else range(0)
+
+
+_PORTS = _port_block()
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port for a server that cannot bind port 0 and report it (nginx, the
+    README's blocks): one bindable now, not handed out before by this process."""
+    global _next_port
+    while _next_port < len(_PORTS):
+        port = _PORTS[_next_port]
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use (a service, a connection in TIME_WAIT): the next
+                continue
+            return port
+    with socket.socket() as s:  # the block used up (or none): any port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
