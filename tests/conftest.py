@@ -705,17 +705,13 @@ def _port_block() -> range:
     return range(first, first + 1000) if first >= 1024 else range(0)
 
 
-_PORTS = _port_block()
-_next_port = 0
+_PORTS = iter(_port_block())  # each port handed out once by this process
 
 
 def free_port() -> int:
     """A loopback port for a server that cannot bind port 0 and report it (nginx, the
     README's blocks): one bindable now, not handed out before by this process."""
-    global _next_port
-    while _next_port < len(_PORTS):
-        port = _PORTS[_next_port]
-        _next_port += 1
+    for port in _PORTS:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -20,13 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from conftest import Origin, close_listener
+from conftest import ROOT, Origin, close_listener
 from test_hardening import CountingH2Origin
 from test_http1 import RawOrigin
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def blocked_in_accept() -> tuple[socket.socket, threading.Thread, list[object]]:
